@@ -445,3 +445,86 @@ def test_ggml_cpu_really_contains_the_column_view_prefetch():
     if dis.returncode != 0:
         pytest.skip("objdump not available")
     assert "prefetcht0" in dis.stdout or "prfm" in dis.stdout
+
+
+def test_llama_perplexity_at_a_level_equals_the_truncated_model(uniform_files, tmp_path):
+    elastic, truncated = uniform_files["q8_0"]
+    text = tmp_path / "text.txt"
+    rng = np.random.default_rng(0)
+    text.write_text(" ".join(rng.choice(["alpha", "beta", "gamma", "the", "of", "and"], 400)))
+
+    def ppl(path: Path, *extra: str) -> str:
+        r = subprocess.run([str(binary("llama-perplexity")), "-m", str(path), "-f", str(text), "-c", "64", "-b", "64",
+                            "-t", "1", *extra], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-1500:]
+        return next(line for line in r.stderr.splitlines() if "Final estimate" in line).split("Final estimate")[1]
+
+    assert ppl(elastic, "--elms-ratio", "0.5") == ppl(truncated, "-nr")
+    assert ppl(elastic) != ppl(truncated, "-nr")
+
+
+def _cli(model_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(binary("llama-cli")), "-m", str(model_path), "-p", "hello", "-n", "4", "-st", "-t", "1",
+                        "-c", "64", "--temp", "0", "-v", *extra], capture_output=True, stdin=subprocess.DEVNULL,
+                       timeout=120)
+    r.stderr = r.stderr.decode("utf-8", "replace")
+    return r
+
+
+def test_llama_cli_runs_a_level(uniform_files, tiny_llama):
+    """llama-cli (a chat client around an in-process llama-server) selects the level, or refuses."""
+    elastic, _ = uniform_files["q8_0"]
+    r = _cli(elastic, "--elms-ratio", "0.5")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "set_elastic_level: level = 0" in r.stderr
+    r = _cli(tiny_llama.path, "--elms-ratio", "0.5")
+    assert r.returncode != 0 and "is not an elastic model" in r.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_completion(model_path: Path, *extra: str) -> list[int]:
+    """Start llama-server on loopback, ask for a greedy completion, return the generated token ids."""
+    import json
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([str(binary("llama-server")), "-m", str(model_path), "--host", "127.0.0.1", "--port",
+                             str(port), "-t", "1", "-c", "64", "-np", "1", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(200):  # bounded wait: 20 s
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("llama-server did not become ready")
+        body = json.dumps({"prompt": "hello world", "n_predict": 8, "temperature": 0, "seed": 1,
+                           "return_tokens": True}).encode()
+        req = urllib.request.Request(base + "/completion", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())["tokens"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_llama_server_serves_the_level(uniform_files):
+    elastic, truncated = uniform_files["q8_0"]
+    got = _serve_completion(elastic, "--elms-ratio", "0.5")
+    ref = _serve_completion(truncated, "-nr")
+    assert len(got) == 8 and got == ref

@@ -39,7 +39,8 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     "$PY" -m pip install -q --no-deps "$SDIST/vendor/llama.cpp/gguf-py"
     CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" \
         "$PY" -m pip install -q --no-build-isolation --no-deps --force-reinstall "$SDIST"
-    "$PY" -m pip install -q --no-deps -e "$ROOT"
+    "$PY" -m pip install -q --no-deps -e "$ROOT" >"$VENV/.elms-install.log" 2>&1 || {
+        cat "$VENV/.elms-install.log" >&2; exit 1; }
     echo "$want" > "$stamp"
 fi
 pkg="$("$PY" -c 'import importlib.util,os; print(os.path.dirname(importlib.util.find_spec("llama_cpp").origin))')"
