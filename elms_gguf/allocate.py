@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from .contract import ContractError, Level, ModelDims, layer_params, level_ratio
 
@@ -91,10 +91,13 @@ class Policy:
     attn_mult: float = 1.0
     skips: bool = True
     layers_only: bool = False
+    reference: bool = False  # not a greedy policy: the `reference` level's widths (clamped to stay nested)
 
     def label(self) -> str:
         if self.layers_only:
             return "layer-drop"
+        if self.reference:
+            return "uniform widths"
         a = "attention kept" if self.attn_mult == float("inf") else f"attention cost x{self.attn_mult:g}"
         return a + ("" if self.skips else ", no block skips")
 
@@ -187,6 +190,7 @@ def searched(
     allowed: Callable[[int, int, int], bool] | None = None,
     evaluate: Callable[[list[tuple[int, int]]], float] | None = None,
     policies: Sequence[Policy] = DEFAULT_POLICIES,
+    reference: Mapping[float, Level] | None = None,
     slack: float = 0.004,
     tolerance: float = 0.01,
     trace: SearchTrace | None = None,
@@ -197,6 +201,8 @@ def searched(
     segment: repeatedly take the move (next KV group, next FFN chunk, a whole block or the whole layer) with the least
     estimated loss increase per parameter saved until the level's budget is met. ``evaluate(widths)`` measures the
     real calibration loss of each candidate and the best is kept (without ``evaluate`` only the first policy runs).
+    ``reference`` levels (by ratio; e.g. the uniform allocation) are one more candidate wherever they are still
+    nested under the current widths, so the search never measures worse than them on the calibration set.
     Measuring whole candidates matters: single-layer cost estimates ignore how removals compound across layers
     (narrowing attention in many layers hurts far more than the sum of its single-layer costs).
 
@@ -214,6 +220,12 @@ def searched(
             nxt = _segment(dims, state, r * total, costs, grid, pol, ok, qkv_bias, slack * total)
             if nxt is not None:
                 cands.setdefault(tuple(nxt), []).append(pol)
+        ref = (reference or {}).get(r)
+        if ref is not None and evaluate is not None:  # e.g. ELMS' uniform widths, where still nested under `state`
+            w = tuple((min(kv, s[0]), min(ff, s[1])) for kv, ff, s in zip(ref.head_count_kv, ref.feed_forward_length, state))
+            got = sum(layer_params(dims, kv, ff, qkv_bias=qkv_bias) for kv, ff in w) / total
+            if all(ok(il, kv, ff) for il, (kv, ff) in enumerate(w)) and got <= r + slack + 1e-3:
+                cands.setdefault(w, []).append(Policy(reference=True))
         if not cands:
             raise ContractError(f"cannot reach ratio {r}: no policy can remove enough parameters")
         # a candidate that overshoots the budget by more than `tolerance` (e.g. a whole layer where a few FFN chunks

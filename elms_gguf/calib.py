@@ -42,10 +42,10 @@ class CalibConfig:
     """Where calibration text comes from and how much of it to use."""
 
     source: str = "coqa"
-    n_samples: int = 16  # calibration rows (importance, anchors, allocation search)
-    seq_len: int = 128
-    heldout_samples: int = 8  # held-out rows for perplexity (disjoint from calibration)
-    heldout_len: int = 256
+    n_samples: int = 8  # calibration rows (importance, anchors, allocation search)
+    seq_len: int = 256  # long enough that attention's longer-range work counts
+    heldout_samples: int = 4  # held-out rows for perplexity (disjoint from calibration)
+    heldout_len: int = 512
     seed: int = 0
 
 
@@ -98,7 +98,7 @@ def build(cfg: CalibConfig, encode: Callable[[str], list[int]] | None, *, n_voca
     src = cfg.source
     if src == "coqa" or src.endswith(".txt"):
         if encode is None:
-            raise CalibError(f"calibration source {src!r} is text but the model's tokenizer is not available here; "
+            raise CalibError(f"calibration source {src!r} is text but the model's tokenizer is not available here (HF folder: add --tokenizer-from MODEL.gguf); "
                              "pass pre-tokenized ids (--calib FILE.npy or FILE.json)")
     if src == "coqa":
         stories = coqa_stories(cfg.seed)

@@ -34,13 +34,17 @@ class Runner:
     """The reference decoder, layer by layer, on one set of weights."""
 
     def __init__(self, config: M.ModelConfig, weights: Mapping[str, torch.Tensor], *, fast: bool = True,
-                 micro_batch: int = 4):
-        self.config, self.fast, self.micro = config, fast, max(1, micro_batch)
+                 micro_tokens: int = 1024):
+        self.config, self.fast, self.micro_tokens = config, fast, max(1, micro_tokens)
         if fast:
             self.w = {k: (v.to(torch.bfloat16) if v.dim() == 2 else v.float()) for k, v in weights.items()}
         else:
             self.w = {k: v.float() for k, v in weights.items()}
         self.tokens_run = 0  # (token x layer) work done, for reports
+
+    def split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Row chunks of about ``micro_tokens`` tokens (bounds the [rows, T, n_vocab] logits in memory)."""
+        return tokens.long().split(max(1, self.micro_tokens // max(1, tokens.shape[1])))
 
     def ctx(self) -> contextlib.AbstractContextManager:
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.fast else contextlib.nullcontext()
@@ -70,7 +74,7 @@ class Runner:
         widths = M.check_widths(self.config, widths)
         total, count = 0.0, 0
         with self.ctx():
-            for tok in tokens.long().split(self.micro):
+            for tok in self.split(tokens):
                 x = self.embed(tok)
                 for il, (kv, ff) in enumerate(widths):
                     x = self.layer(x, il, kv, ff)
@@ -92,7 +96,7 @@ class LossProbe:
         self._cache: list[list[torch.Tensor]] = []
         total, count = 0.0, 0
         with torch.no_grad(), runner.ctx():
-            for tok in self.tokens.split(runner.micro):
+            for tok in runner.split(self.tokens):
                 x = runner.embed(tok)
                 states = []
                 for il, (kv, ff) in enumerate(self.full):
@@ -122,7 +126,7 @@ class LossProbe:
             return self.dense_loss
         total = 0.0
         with self.r.ctx():
-            for bi, tok in enumerate(self.tokens.split(self.r.micro)):
+            for bi, tok in enumerate(self.r.split(self.tokens)):
                 x = self._cache[bi][start]
                 for il in range(start, n):
                     x = self.r.layer(x, il, *widths[il])
@@ -134,7 +138,7 @@ class LossProbe:
 
 
 def loss_and_grads(config: M.ModelConfig, weights: Mapping[str, torch.Tensor], tokens: torch.Tensor,
-                   names: Sequence[str], *, micro_batch: int = 4, fast: bool = True,
+                   names: Sequence[str], *, micro_tokens: int = 512, fast: bool = True,
                    progress: Callable[[int], object] | None = None) -> tuple[float, dict[str, torch.Tensor]]:
     """Dense mean cross-entropy of ``tokens`` and its gradient w.r.t. the tensors ``names`` (float32)."""
     params = {n: weights[n].detach().float().requires_grad_(True) for n in names}  # shares storage, no copy
@@ -143,7 +147,7 @@ def loss_and_grads(config: M.ModelConfig, weights: Mapping[str, torch.Tensor], t
     n_total = tokens.shape[0] * (tokens.shape[1] - 1)
     total = 0.0
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if fast else contextlib.nullcontext()
-    for tok in tokens.long().split(max(1, micro_batch)):
+    for tok in tokens.long().split(max(1, micro_tokens // max(1, tokens.shape[1]))):
         with ctx:
             logits = M.forward(config, w, tok)
             loss = ce_sum(logits, tok) / n_total

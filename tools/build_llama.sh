@@ -29,6 +29,9 @@ if [[ "$NATIVE" == "ON" && "$(uname -m)" == "x86_64" ]]; then
     CFLAGS_EXTRA="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 fi
 
+# llama.cpp's build-info asks git for a commit: keep it from reporting this repository's commit instead
+export GIT_CEILING_DIRECTORIES="$ROOT/third_party"
+
 # configuring an existing build dir is cheap and keeps it incremental
 cmake -S "$LLAMA" -B "$BUILD" "${GEN[@]}" \
     -DCMAKE_BUILD_TYPE=Release \
