@@ -31,7 +31,8 @@ def run_level(model: Path, ratio: float, prompt: str, n: int, threads: int) -> t
     tg = re.search(r"\beval time =.*?([\d.]+) tokens per second", r.stderr.split("prompt eval time")[-1])
     lvl = re.search(r"elastic level (-?\d+) of \d+ \(ratio ([\d.]+)\)", r.stderr)
     text = r.stdout.strip()
-    text = re.sub(r"^.*?assistant\s*", "", text, flags=re.S) if "assistant" in text[:200] else text
+    # the transcript echoes the ChatML turns: keep what follows the last assistant header
+    text = re.split(r"(?:^|\n)\s*assistant\s*\n", text)[-1]
     return text.replace("[end of text]", "").strip(), float(pp.group(1)) if pp else float("nan"), \
         float(tg.group(1)) if tg else float("nan"), f"level {lvl.group(1)} (ratio {lvl.group(2)})" if lvl else "dense"
 
