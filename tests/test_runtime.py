@@ -436,6 +436,13 @@ def test_llama_completion_refuses_a_ratio_on_a_dense_model(tiny_llama):
     assert r.returncode != 0 and "is not an elastic model" in r.stderr
 
 
+def test_llama_bench_without_elms_ratio_runs_any_model(uniform_files):
+    _, truncated = uniform_files["q8_0"]
+    r = subprocess.run([str(binary("llama-bench")), "-m", str(truncated), "-p", "8", "-n", "4", "-r", "1", "-t", "1",
+                        "--repack", "0", "-o", "json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
 def test_llama_bench_takes_elms_ratio(uniform_files):
     elastic, _ = uniform_files["q8_0"]
     cmd = [str(binary("llama-bench")), "-m", str(elastic), "-p", "8", "-n", "4", "-r", "1", "-t", "1",

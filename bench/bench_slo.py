@@ -1,0 +1,260 @@
+"""End-to-end SLO benchmark: accuracy and SLO attainment of ELMS orchestration vs one-dimensional baselines.
+
+Six "apps" as in the ELMS end-to-end traces (paper §5, item 51), each an instruction + 5 in-context examples (the
+compressible part) in front of multiple-choice questions, with a fixed (TTFT, TPOT) SLO as fractions of the dense
+model's latency on this device (resolved per request at its full prompt length):
+
+    openbookqa (1.0, 1.0)   arc_easy (0.8, 0.9)   hellaswag* (0.6, 0.8)   boolq* (0.4, 0.7)
+    piqa (0.2, 0.6)         sciq (0.2, 0.5)
+
+(* stand-ins for the paper's Octopus API-calling and LlamaTouch apps, which are not available offline; the TLM
+is trained on commonsense_qa / social_i_qa / arc_challenge / CoQA, disjoint from these.)
+
+Modes, every request of every app:
+
+* ``dense``       -- the dense model, whole prompt (the "no SLO" reference);
+* ``ours``        -- ELMS: :func:`elms_gguf.orchestrate.decide` over (level, prompt ratio), TLM compression;
+* ``model_only``  -- elastic model only: the largest level meeting the SLO with the whole prompt (best effort);
+* ``prompt_only`` -- prompt compression only (TLM) on the dense model, the largest ratio meeting the SLO;
+* ``ours_h10``    -- ELMS planning against 90 % of the SLO (``headroom=0.1``: a margin for latency noise);
+* ``ours_selfinfo`` -- ELMS with the TLM-free scorer (the model's own self-information at its smallest level).
+
+Per request: TTFT is measured from the request's start (planning, scoring, compression, prefill) to the first
+token's logits, TPOT over a few greedy tokens; the answer is the choice with the highest mean token
+log-probability after ``Answer:`` (cloze, as ELMS). A request *attains* its SLO when both measured TTFT and TPOT
+are within it (DistServe-style). The trace figures weight the apps by ``exp(alpha * i)`` (paper: alpha in
+{0, 0.25, -0.25}).
+
+    python bench/bench_slo.py --model /tmp/smollm2-elastic.gguf --tlm models/tlm-minilm-l2.gguf -n 10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from elms_gguf import orchestrate as O  # noqa: E402
+from elms_gguf import tasks as TK  # noqa: E402
+from elms_gguf.profile import SLO  # noqa: E402
+
+log = logging.getLogger("bench_slo")
+
+APPS = [("openbookqa", (1.0, 1.0)), ("arc_easy", (0.8, 0.9)), ("hellaswag", (0.6, 0.8)), ("boolq", (0.4, 0.7)),
+        ("piqa", (0.2, 0.6)), ("sciq", (0.2, 0.5))]
+MODES = ("dense", "ours", "ours_h10", "model_only", "prompt_only", "ours_selfinfo")
+
+
+# --------------------------------------------------------------------------------------------------
+# extra apps (hellaswag, boolq) on top of elms_gguf.tasks
+
+
+def _extra_tasks() -> None:
+    if "hellaswag" not in TK.TASKS:
+        TK.TASKS["hellaswag"] = TK.Task("hellaswag", "hellaswag/none/validation",
+                                        "You are a writing assistant. Continue each everyday scene with the most "
+                                        "plausible next sentence.", "hellaswag")
+        TK.TASKS["boolq"] = TK.Task("boolq", "boolq/none/validation",
+                                    "Read each passage and answer the question about it with yes or no.", "boolq")
+    orig = TK._convert
+
+    def convert(kind: str, r: dict):
+        if kind == "hellaswag":
+            return TK.MCItem(r["ctx"].strip(), tuple(e.strip() for e in r["endings"]), int(r["label"]))
+        if kind == "boolq":
+            passage = " ".join(r["passage"].split()[:60])
+            return TK.MCItem(f"{passage}\n{r['question'].strip()}?", ("no", "yes"), int(bool(r["answer"])))
+        return orig(kind, r)
+
+    TK._convert = convert  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------------------------------
+# one request
+
+
+def choice_logprobs(llm, n_prompt: int, choices) -> list[float]:
+    """Mean log-probability of every choice's tokens after the first ``n_prompt`` tokens in the KV cache (the last
+    prompt token is re-decoded with each choice: llama-cpp-python keeps no prompt logits)."""
+    from elms_gguf.runtime import llama_cpp
+
+    mem = llama_cpp.llama_get_memory(llm._ctx.ctx)
+    n_vocab = llm.n_vocab()
+    last_tok = int(llm.input_ids[n_prompt - 1])
+    out = []
+    for ch in choices:
+        toks = llm.tokenize((" " + ch).encode(), add_bos=False, special=False)[: max(1, llm.n_batch - 2)]
+        seq = [last_tok] + toks
+        llama_cpp.llama_memory_seq_rm(mem, 0, n_prompt - 1, -1)
+        llm._batch.set_batch(seq, n_past=n_prompt - 1, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx),
+                                     shape=(len(seq), n_vocab))[:-1].astype(np.float64)
+        m = rows.max(1)
+        lse = np.log(np.exp(rows - m[:, None]).sum(1)) + m
+        out.append(float(np.mean(rows[np.arange(len(toks)), toks] - lse)))
+    llm._clear_cache()
+    return out
+
+
+class BanEOS:
+    def __init__(self, eos: int) -> None:
+        self.eos = eos
+
+    def __call__(self, ids, scores):
+        scores[self.eos] = -np.inf
+        return scores
+
+
+def baseline_decision(llm, mode: str, slo: SLO, n_fixed: int, n_c: int, ctx: str) -> O.Decision | None:
+    prof = llm.profile
+    levels = [li.index for li in llm.levels if li.index in prof.levels]
+    if mode == "dense":
+        return _with_slo(O.decide(prof, SLO(), n_fixed=n_fixed, n_compressible=n_c, levels=[-1]), slo, prof,
+                         n_fixed + n_c)
+    if mode == "model_only":
+        return O.decide(prof, slo, n_fixed=n_fixed, n_compressible=n_c, levels=levels, best_effort=True)
+    if mode == "prompt_only":
+        return O.decide(prof, slo, n_fixed=n_fixed, n_compressible=n_c, levels=[-1], best_effort=True,
+                        scorer_ms=llm._scorer_ms([ctx]), min_prompt_ratio=llm.min_prompt_ratio)
+    return None  # ours: the serving path decides
+
+
+def _with_slo(d: O.Decision, slo: SLO, prof, n_full: int) -> O.Decision:
+    d.slo_ttft_ms, d.slo_tpot_ms = slo.resolve(prof, n_full)
+    d.feasible = d.predicted_ttft_ms <= d.slo_ttft_ms and d.predicted_tpot_ms <= d.slo_tpot_ms
+    return d
+
+
+def run_request(llm, mode: str, app: TK.AppPrompts, item: TK.MCItem, slo: SLO, n_decode: int) -> dict:
+    q = app.question(item)
+    ctx = app.context
+    n_full = llm.count_tokens(ctx + "\n\n" + q, add_bos=True)
+    n_c = llm.count_tokens(ctx)
+    d = baseline_decision(llm, mode, slo, n_full - n_c, n_c, ctx)
+    from elms_gguf.runtime import llama_cpp
+
+    lp = llama_cpp.LogitsProcessorList([BanEOS(llm.token_eos())])
+    out = llm.create_completion(prompt=q, context=ctx, slo=slo, decision=d, best_effort=True,
+                                max_tokens=n_decode + 1, temperature=0.0, logits_processor=lp)
+    e = out["elms"]
+    lps = choice_logprobs(llm, int(out["usage"]["prompt_tokens"]), item.choices)
+    e = dict(e)
+    e["correct"] = bool(int(np.argmax(lps)) == item.answer)
+    e["met"] = bool(e["ttft_met"] and (e["tpot_met"] is not False))
+    return e
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tlm", required=True)
+    ap.add_argument("--profile", default="auto", help="latency profile JSON (default: the saved one)")
+    ap.add_argument("-n", type=int, default=10, help="questions per app")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--modes", default="dense,ours,model_only,prompt_only,ours_selfinfo",
+                    help=f"comma-separated, from {','.join(MODES)}")
+    ap.add_argument("--apps", default=",".join(a for a, _ in APPS))
+    ap.add_argument("--decode", type=int, default=4, help="generated tokens per request (TPOT)")
+    ap.add_argument("--alpha", default="0,0.25,-0.25")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "bench_slo.json"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _extra_tasks()
+    from elms_gguf.serve import ElasticLlama
+
+    modes = [m for m in args.modes.split(",") if m]
+    apps = [(a, s) for a, s in APPS if a in args.apps.split(",")]
+    kw = dict(n_threads=args.threads, n_threads_batch=args.threads, n_ctx=2048, n_batch=512, verbose=False,
+              best_effort=True)
+    llms = {"tlm": ElasticLlama(args.model, tlm=args.tlm, profile=args.profile, **kw)}
+    if "ours_selfinfo" in modes:
+        llms["selfinfo"] = ElasticLlama(args.model, scorer="selfinfo", profile=llms["tlm"].profile, **kw)
+    if llms["tlm"].profile is None:
+        raise SystemExit(f"no latency profile for {args.model}: run elms-profile {args.model} -t {args.threads} "
+                         f"--tlm {args.tlm} --selfinfo")
+    for llm in llms.values():
+        llm.warmup()
+    results: dict[str, dict[str, list[dict]]] = {m: {} for m in modes}
+    t_start = time.time()
+    for app_name, (tt, tp) in apps:
+        app = TK.app_prompts(app_name, n_items=args.n, seed=1)
+        slo = SLO.relative(tt, tp)
+        for item in app.items:
+            for mode in modes:  # interleaved: every mode sees the same background load
+                llm = llms["selfinfo" if mode == "ours_selfinfo" else "tlm"]
+                llm.headroom = 0.1 if mode == "ours_h10" else 0.0
+                r = run_request(llm, "ours" if mode.startswith("ours") else mode, app, item, slo, args.decode)
+                results[mode].setdefault(app_name, []).append(r)
+        log.info("%s %s done (%.0f s): %s", app_name, (tt, tp), time.time() - t_start, "  ".join(
+            f"{m} acc {np.mean([r['correct'] for r in results[m][app_name]]):.2f} "
+            f"att {np.mean([r['met'] for r in results[m][app_name]]):.2f}" for m in modes))
+    summary = summarize(results, apps, [float(a) for a in args.alpha.split(",")])
+    print(format_summary(summary, modes, apps))
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"summary": summary, "results": results, "args": vars(args),
+                   "profile": llms["tlm"].profile.model, "device": llms["tlm"].profile.device}, f, indent=1,
+                  default=float)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def summarize(results, apps, alphas):
+    out: dict = {}
+    for mode, per_app in results.items():
+        rows = {}
+        for a, (tt, tp) in apps:
+            rs = per_app.get(a, [])
+            if not rs:
+                continue
+            rows[a] = {"slo": [tt, tp], "n": len(rs), "accuracy": float(np.mean([r["correct"] for r in rs])),
+                       "attainment": float(np.mean([r["met"] for r in rs])),
+                       "ttft_attainment": float(np.mean([bool(r["ttft_met"]) for r in rs])),
+                       "mean_level_ratio": float(np.mean([r["level_ratio"] for r in rs])),
+                       "mean_prompt_ratio": float(np.mean([r["prompt_ratio"] for r in rs])),
+                       "ttft_over_slo": float(np.median([r["measured_ttft_ms"] / r["slo_ttft_ms"] for r in rs])),
+                       "ttft_pred_err": float(np.median([r["measured_ttft_ms"] / r["predicted_ttft_ms"] for r in rs])),
+                       "tlm_ms": float(np.mean([r["tlm_ms"] for r in rs]))}
+        trace = {}
+        for al in alphas:
+            w = np.array([math.exp(al * (i + 1)) for i, (a, _) in enumerate(apps) if a in rows])
+            w = w / w.sum()
+            names = [a for a, _ in apps if a in rows]
+            trace[f"alpha={al:g}"] = {k: float(sum(wi * rows[a][k] for wi, a in zip(w, names)))
+                                      for k in ("accuracy", "attainment")}
+        out[mode] = {"apps": rows, "trace": trace}
+    return out
+
+
+def format_summary(summary, modes, apps) -> str:
+    lines = ["app (TTFT, TPOT SLO)        " + "".join(f"{m:>22}" for m in modes),
+             "                            " + "".join(f"{'acc  att  lvl  rho':>22}" for _ in modes)]
+    for a, (tt, tp) in apps:
+        row = f"{a:<14} ({tt:.1f}, {tp:.1f})  "
+        for m in modes:
+            r = summary[m]["apps"].get(a)
+            row += f"{'-':>22}" if r is None else \
+                f"{r['accuracy']:>9.2f} {r['attainment']:4.2f} {r['mean_level_ratio']:4.2f} {r['mean_prompt_ratio']:4.2f}"
+        lines.append(row)
+    for al in next(iter(summary.values()))["trace"]:
+        lines.append(f"trace {al:<20} " + "".join(
+            f"{summary[m]['trace'][al]['accuracy']:>9.2f} {summary[m]['trace'][al]['attainment']:4.2f}          "
+            for m in modes))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

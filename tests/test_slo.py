@@ -1,0 +1,257 @@
+"""Latency profiles, SLOs and the (level, prompt ratio) decision (elms_gguf.profile, elms_gguf.orchestrate).
+
+Synthetic profiles are exact and instant; one test measures a real profile of the tiny elastic model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from elms_gguf import orchestrate, profile
+from elms_gguf.orchestrate import SLOInfeasible, decide
+from elms_gguf.profile import SLO, Curve, LatencyProfile, LevelProfile, ProfileError, SLOError
+
+
+def synthetic_profile(levels=((0, 0.3), (1, 0.6), (-1, 1.0)), *, tlm_ms_per_token: float = 0.1,
+                      fixed_ms: float = 5.0, ms_per_token: float = 2.0, tpot_dense: float = 20.0,
+                      checksum: str = "c0ffee") -> LatencyProfile:
+    """TTFT_l(n) = fixed + ms_per_token * ratio * n, TPOT_l = tpot_dense * ratio; scorer 'tlm' linear."""
+    lv = {}
+    for idx, r in levels:
+        lv[idx] = LevelProfile(level=idx, ratio=r, ttft=Curve((fixed_ms, ms_per_token * r, 0.0)), tpot_ms=tpot_dense * r)
+    return LatencyProfile(model={"checksum": checksum, "name": "synthetic.gguf", "model_id": "syn", "size": 1},
+                          device=profile.device_info(1), levels=lv,
+                          scorers={"tlm": Curve((1.0, tlm_ms_per_token, 0.0))})
+
+
+# -- SLO -----------------------------------------------------------------------------------------------
+
+
+def test_slo_accepts_ms_and_relative():
+    s = SLO(800, 60)
+    assert (s.ttft_ms, s.tpot_ms, s.is_relative) == (800.0, 60.0, False)
+    r = SLO.relative(0.6, 0.8)
+    assert r.is_relative and r.ttft_ms == 0.6
+    assert SLO(ttft_ms=100).tpot_ms is None  # unconstrained
+    assert SLO.coerce((100, 10)) == SLO(100, 10)
+    assert SLO.coerce({"ttft": 0.5, "tpot": 0.7, "relative": True}) == SLO.relative(0.5, 0.7)
+
+
+@pytest.mark.parametrize("bad", [0, -1, -0.5, float("nan"), float("inf"), "fast", True, [1]])
+def test_slo_refuses_bad_values(bad):
+    with pytest.raises(SLOError, match="TTFT SLO"):
+        SLO(ttft_ms=bad, tpot_ms=10)
+    with pytest.raises(SLOError, match="TPOT SLO"):
+        SLO.relative(0.5, bad)
+
+
+def test_relative_slo_resolves_against_dense():
+    p = synthetic_profile()
+    ttft, tpot = SLO.relative(0.5, 0.8).resolve(p, 100)
+    assert ttft == pytest.approx(0.5 * (5 + 2 * 100))
+    assert tpot == pytest.approx(0.8 * 20)
+    assert SLO(ttft_ms=50).resolve(p, 100) == (50.0, math.inf)
+    with pytest.raises(SLOError, match="needs a latency profile"):
+        SLO.relative(0.5, 0.5).resolve(None, 100)
+
+
+# -- curves and profile I/O ------------------------------------------------------------------------------
+
+
+def test_fit_quadratic_recovers_and_stays_non_negative():
+    a, b, c = profile.fit_quadratic([(n, 3 + 0.5 * n + 0.001 * n * n) for n in (16, 64, 256, 512)])
+    assert (a, b, c) == pytest.approx((3, 0.5, 0.001), rel=1e-6)
+    # a decreasing cloud must not give negative terms
+    coef = profile.fit_quadratic([(10, 9.0), (100, 5.0), (200, 4.0)])
+    assert all(x >= 0 for x in coef)
+    cv = Curve((2.0, 0.5, 0.01))
+    n = cv.max_n(100.0)
+    assert cv(n) == pytest.approx(100.0) and cv.max_n(1.0) == 0.0
+
+
+def test_profile_roundtrip_and_foreign_model_refused(tmp_path, tiny_elastic_llama, tiny_llama):
+    fp = profile.model_fingerprint(tiny_elastic_llama.path)
+    assert fp["model_id"] == "tiny-test" and fp["size"] == tiny_elastic_llama.path.stat().st_size
+    p = synthetic_profile()
+    p.model = dict(fp)
+    path = p.save(tmp_path / "p.json")
+    q = LatencyProfile.load(path, model_path=tiny_elastic_llama.path)
+    assert q.ttft_ms(1, 100) == pytest.approx(p.ttft_ms(1, 100)) and q.scorer_ms("tlm", 10) == pytest.approx(2.0)
+    with pytest.raises(ProfileError, match="another model"):
+        LatencyProfile.load(path, model_path=tiny_llama.path)
+    # same bytes under another name: same model; one byte changed: another model
+    cp = tmp_path / "copy.gguf"
+    shutil.copy(tiny_elastic_llama.path, cp)
+    LatencyProfile.load(path, model_path=cp)
+    with open(cp, "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(ProfileError, match="another model"):
+        LatencyProfile.load(path, model_path=cp)
+
+
+def test_profile_refuses_malformed(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something"}))
+    with pytest.raises(ProfileError, match="not an elms latency profile"):
+        LatencyProfile.load(bad)
+    d = synthetic_profile().to_json()
+    d["levels"][0]["tpot_ms"] = -1
+    bad.write_text(json.dumps(d))
+    with pytest.raises(ProfileError, match="bad tpot_ms"):
+        LatencyProfile.load(bad)
+    with pytest.raises(ProfileError, match="not found"):
+        LatencyProfile.load(tmp_path / "none.json")
+    with pytest.raises(ProfileError, match="not profiled"):
+        synthetic_profile().scorer_ms("selfinfo", 10)
+
+
+def test_measure_tiny_model(tiny_elastic_llama, tmp_path, monkeypatch):
+    from runtime_helpers import require_runtime
+
+    require_runtime()
+    monkeypatch.setenv("ELMS_PROFILE_DIR", str(tmp_path))
+    calls = []
+    p = profile.measure(tiny_elastic_llama.path, n_threads=1, lengths=(4, 16, 32), runs=1, n_decode=2,
+                        scorers={"fake": lambda n: calls.append(n) or 0.5 + 0.01 * n})
+    assert sorted(p.levels) == [-1, 0, 1, 2]
+    assert p.levels[0].ratio == pytest.approx(0.4) and p.dense.level == -1
+    for lp in p.levels.values():
+        assert all(c >= 0 for c in lp.ttft.coef) and lp.tpot_ms > 0 and len(lp.ttft.samples) == 3
+    assert p.scorer_ms("fake", 10) == pytest.approx(0.6, rel=1e-3) and 32 in calls
+    assert p.device["n_threads"] == 1 and p.device["cpu"] == profile.cpu_model()
+    out = p.save(profile.default_profile_path(tiny_elastic_llama.path, 1))
+    assert profile.find_profile(tiny_elastic_llama.path, 1).checksum == p.checksum
+    assert out.startswith(str(tmp_path))
+    with pytest.raises(ProfileError, match="level 7 does not exist"):
+        profile.measure(tiny_elastic_llama.path, n_threads=1, lengths=(4,), runs=1, levels=[7])
+
+
+def test_cli_profile(tiny_llama, tmp_path, capsys):
+    from runtime_helpers import require_runtime
+
+    require_runtime()
+    out = tmp_path / "dense.json"
+    rc = profile.main([str(tiny_llama.path), "-t", "1", "--lengths", "4,16", "--runs", "1", "--decode", "2",
+                       "-o", str(out)])
+    assert rc == 0 and "saved" in capsys.readouterr().out
+    p = LatencyProfile.load(out, model_path=tiny_llama.path)
+    assert list(p.levels) == [-1]  # a plain GGUF: dense only
+    assert profile.main([str(tmp_path / "missing.gguf"), "-o", str(out)]) == 1
+
+
+# -- decision ----------------------------------------------------------------------------------------------
+
+
+def feasible(p, d, slo_ttft, slo_tpot):
+    return (p.ttft_ms(d.level, d.n_prompt) + d.predicted_scorer_ms <= slo_ttft + 1e-6
+            and p.tpot_ms(d.level) <= slo_tpot + 1e-6)
+
+
+def test_decide_dense_when_no_pressure():
+    p = synthetic_profile()
+    d = decide(p, SLO.relative(1.0, 1.0), n_fixed=20, n_compressible=200, scorer="tlm")
+    assert (d.level, d.prompt_ratio, d.feasible) == (-1, 1.0, True)
+    assert d.predicted_scorer_ms == 0.0 and not d.compress  # nothing compressed: no scorer time
+    d = decide(p, SLO(), n_fixed=20)
+    assert d.level == -1
+
+
+def test_decide_prefers_largest_level_then_most_prompt():
+    p = synthetic_profile()
+    # TPOT 0.8x dense rules out the dense level; TTFT allows level 1 (0.6) with the whole prompt
+    d = decide(p, SLO.relative(1.0, 0.8), n_fixed=20, n_compressible=200, scorer="tlm")
+    assert (d.level, d.prompt_ratio) == (1, 1.0)
+    # tighter TTFT: level 1 still, but compressed; the largest ratio that fits
+    d = decide(p, SLO.relative(0.45, 0.8), n_fixed=20, n_compressible=200, scorer="tlm")
+    assert d.level == 1 and d.prompt_ratio < 1.0 and d.compress
+    slo_ttft, slo_tpot = SLO.relative(0.45, 0.8).resolve(p, 220)
+    assert feasible(p, d, slo_ttft, slo_tpot)
+    bigger = d.prompt_ratio + orchestrate.DEFAULT_RATIO_STEP
+    assert p.ttft_ms(1, 20 + round(bigger * 200)) + d.predicted_scorer_ms > slo_ttft  # next ratio up misses
+    assert d.predicted_scorer_ms == pytest.approx(1.0 + 0.1 * 200)
+
+
+def test_decide_respects_feasibility_on_a_grid():
+    p = synthetic_profile(levels=((0, 0.2), (1, 0.4), (2, 0.6), (3, 0.8), (-1, 1.0)))
+    for tt in (0.2, 0.3, 0.4, 0.6, 0.8, 1.0):
+        for tp in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+            for n_fixed, n_c in ((10, 300), (100, 50), (50, 0)):
+                slo = SLO.relative(tt, tp)
+                st, sp = slo.resolve(p, n_fixed + n_c)
+                try:
+                    d = decide(p, slo, n_fixed=n_fixed, n_compressible=n_c, scorer="tlm")
+                except SLOInfeasible as e:
+                    # then really no pair on the grid fits
+                    for lv in p.levels:
+                        for rho in orchestrate.ratio_grid():
+                            n = n_fixed + (n_c if rho == 1 else round(rho * n_c))
+                            sc = 0 if rho == 1 or n_c == 0 else p.scorer_ms("tlm", n_c)
+                            assert not (p.ttft_ms(lv, n) + sc <= st and p.tpot_ms(lv) <= sp)
+                    assert not e.decision.feasible
+                    continue
+                assert d.feasible and feasible(p, d, st, sp)
+                assert d.prompt_ratio >= orchestrate.DEFAULT_MIN_PROMPT_RATIO
+                # no larger level is feasible at any allowed ratio
+                for lv, lp in p.levels.items():
+                    if lp.ratio > d.level_ratio and lp.tpot_ms <= sp:
+                        for rho in orchestrate.ratio_grid():
+                            n = n_fixed + (n_c if rho == 1 else round(rho * n_c))
+                            sc = 0 if rho == 1 or n_c == 0 else p.scorer_ms("tlm", n_c)
+                            assert p.ttft_ms(lv, n) + sc > st
+
+
+def test_decide_infeasible_reports_and_best_effort():
+    p = synthetic_profile()
+    with pytest.raises(SLOInfeasible, match="TPOT SLO 1.00 ms < the fastest level's TPOT 6.00 ms"):
+        decide(p, SLO(ttft_ms=1e6, tpot_ms=1.0), n_fixed=10, n_compressible=10, scorer="tlm")
+    with pytest.raises(SLOInfeasible, match="TTFT SLO 2.0 ms < the fastest option's TTFT"):
+        decide(p, SLO(ttft_ms=2.0), n_fixed=10, n_compressible=100, scorer="tlm")
+    with pytest.raises(SLOInfeasible, match="nothing in the prompt is compressible"):
+        decide(p, SLO.relative(0.2, 1.0), n_fixed=300)
+    # TTFT out of reach: the fastest pair (smallest level, least prompt)
+    d = decide(p, SLO.relative(0.05, 1.0), n_fixed=10, n_compressible=300, scorer="tlm", best_effort=True)
+    assert not d.feasible and d.level == 0 and d.prompt_ratio == pytest.approx(orchestrate.DEFAULT_MIN_PROMPT_RATIO)
+    assert d.reason.startswith("infeasible")
+    # TPOT out of reach dominates the overshoot: the smallest level, and no more prompt cut than that overshoot
+    d = decide(p, SLO.relative(0.2, 0.2), n_fixed=10, n_compressible=300, scorer="tlm", best_effort=True)
+    assert not d.feasible and d.level == 0
+    assert d.predicted_ttft_ms / d.slo_ttft_ms <= d.predicted_tpot_ms / d.slo_tpot_ms
+
+
+def test_decide_scorer_cost_counts_only_when_compressing():
+    p = synthetic_profile(tlm_ms_per_token=5.0)  # an expensive scorer: compressing does not pay
+    slo = SLO.relative(0.7, 1.0)
+    d = decide(p, slo, n_fixed=20, n_compressible=200, scorer="tlm")
+    assert d.prompt_ratio == 1.0 and d.level != -1  # a smaller level with the whole prompt instead
+    # cached scores cost nothing: compression becomes worth it on the dense model
+    d2 = decide(p, slo, n_fixed=20, n_compressible=200, scorer_ms=lambda n: 0.0)
+    assert d2.level == -1 and d2.prompt_ratio < 1.0
+
+
+def test_decide_validates_input():
+    p = synthetic_profile()
+    with pytest.raises(SLOError):
+        decide(p, SLO.coerce("fast"), n_fixed=1)
+    with pytest.raises(ValueError, match="n_fixed"):
+        decide(p, SLO(100, 10), n_fixed=-1)
+    with pytest.raises(ValueError, match="not in the profile"):
+        decide(p, SLO(100, 10), n_fixed=1, levels=[5])
+    assert orchestrate.ratio_grid(0.5, 0.25) == [1.0, 0.75, 0.5]
+
+
+def test_decide_headroom_plans_below_the_slo():
+    p = synthetic_profile()
+    slo = SLO.relative(0.6, 1.0)
+    d0 = decide(p, slo, n_fixed=20, n_compressible=200, scorer="tlm")
+    d1 = decide(p, slo, n_fixed=20, n_compressible=200, scorer="tlm", headroom=0.2)
+    assert d1.slo_ttft_ms == d0.slo_ttft_ms  # the reported SLO is the real one
+    assert d1.predicted_ttft_ms <= 0.8 * d1.slo_ttft_ms + 1e-9
+    assert d0.predicted_ttft_ms > 0.8 * d0.slo_ttft_ms  # without headroom the budget is used beyond 80 %
+    with pytest.raises(ValueError, match="headroom"):
+        decide(p, slo, n_fixed=1, headroom=1.0)
