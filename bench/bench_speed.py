@@ -69,7 +69,10 @@ def llama_bench(model_path: Path, *, ratio: float | None, threads: int, reps: in
 
 
 def switch_times(elastic: Path, truncated: Path, level: int, *, n: int = 50) -> tuple[float, float]:
-    """Median ms: (set level + cache clear in a live process, load truncated GGUF + context + first decode)."""
+    """Median ms: (set level + KV-cache clear in a live process, load truncated GGUF + context + first decode).
+
+    The first decode after a switch rebuilds the graph for the new widths (no re-reserve): that cost is part of
+    every first decode and is not counted on either side."""
     import llama_cpp
 
     from elms_gguf.runtime import ElasticLlama, lib
@@ -81,7 +84,7 @@ def switch_times(elastic: Path, truncated: Path, level: int, *, n: int = 50) -> 
         target = level if k % 2 == 0 else -1
         t0 = time.perf_counter()
         lib().llama_set_elastic_level(llm._ctx.ctx, target)
-        llama_cpp.llama_memory_clear(mem, True)
+        llama_cpp.llama_memory_clear(mem, False)  # what ElasticLlama.set_level does
         sw.append((time.perf_counter() - t0) * 1e3)
     llm.close()
     loads = []

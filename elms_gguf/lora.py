@@ -113,3 +113,119 @@ def random_adapter(config: model.ModelConfig, *, level: int, ratio: float, model
             b = torch.randn(n_out, rank, generator=g) * scale
             weights[name] = (a, b)
     return Adapter(weights=weights, alpha=alpha, level=level, ratio=ratio, model_id=model_id)
+
+
+# --------------------------------------------------------------------------------------------------
+# reading adapters back (Python-side checks mirror the runtime's) and rewriting a model's level table
+
+
+def read_adapter(path: str | os.PathLike[str], *, model_id: str | None = None, level: int | None = None,
+                 crc32: int | None = None, config: model.ModelConfig | None = None) -> Adapter:
+    """Load a level adapter GGUF written by :func:`write_adapter`, refusing what the runtime would refuse.
+
+    ``crc32`` (the model's ``elms.level.<i>.lora_crc32``), ``model_id`` (the model's ``elms.model_id``) and
+    ``level`` are checked when given; ``config`` checks every tensor's shape against the full weight shapes.
+    Messages name the file and the reason, like llama.cpp's.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise contract.ContractError(f"{path}: cannot open adapter file (missing)")
+    if crc32 is not None:
+        got = contract.crc32_file(path)
+        if got != int(crc32):
+            raise contract.ContractError(f"{path} is corrupt or was replaced: CRC-32 {got:08x}, the model expects {int(crc32):08x}")
+    reader = model.open_gguf(path)
+    fields = contract.reader_fields(reader)
+    if fields.get("general.type") != "adapter" or fields.get(gguf.Keys.Adapter.TYPE) != "lora":
+        raise contract.ContractError(f"{path}: not a LoRA adapter GGUF (general.type {fields.get('general.type')!r}, "
+                                     f"adapter.type {fields.get(gguf.Keys.Adapter.TYPE)!r})")
+    for key in (contract.KEY_ADAPTER_MODEL_ID, contract.KEY_ADAPTER_LEVEL, gguf.Keys.Adapter.LORA_ALPHA):
+        if key not in fields:
+            raise contract.ContractError(f"{path}: missing key {key}: not an elms level adapter")
+    got_id, got_level = str(fields[contract.KEY_ADAPTER_MODEL_ID]), int(fields[contract.KEY_ADAPTER_LEVEL])  # type: ignore[call-overload]
+    if model_id is not None and got_id != model_id:
+        raise contract.ContractError(f"{path} was trained for model '{got_id}', not for this model ('{model_id}')")
+    if level is not None and got_level != int(level):
+        raise contract.ContractError(f"{path} is the adapter of level {got_level}, not of level {level}")
+    tensors = {t.name: t for t in reader.tensors}
+    required = model.tensor_shapes(config)[0] if config is not None else None
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in tensors:
+        if not name.endswith(".lora_a"):
+            continue
+        base = name[: -len(".lora_a")]
+        if base + ".lora_b" not in tensors:
+            raise contract.ContractError(f"{path}: {name} has no matching {base}.lora_b")
+        a = model.dequantize_tensor(tensors[name])
+        b = model.dequantize_tensor(tensors[base + ".lora_b"])
+        if required is not None:
+            if base not in required:
+                raise contract.ContractError(f"{path}: adapter tensor {base}: the model has no such weight")
+            n_out, n_in = required[base]
+            if tuple(a.shape) != (a.shape[0], n_in) or tuple(b.shape) != (n_out, a.shape[0]):
+                raise contract.ContractError(f"{path}: adapter tensor {base}: A {tuple(a.shape)} / B {tuple(b.shape)} "
+                                             f"are not zero-padded to the weight's full shape ({n_out}, {n_in})")
+        weights[base] = (a, b)
+    if not weights:
+        raise contract.ContractError(f"{path}: adapter has no tensors")
+    return Adapter(weights=weights, alpha=float(fields[gguf.Keys.Adapter.LORA_ALPHA]), level=got_level,  # type: ignore[arg-type]
+                   ratio=float(fields.get(contract.KEY_ADAPTER_RATIO, 0.0)), model_id=got_id)  # type: ignore[arg-type]
+
+
+def check_level_adapters(model_path: str | os.PathLike[str], *, config: model.ModelConfig | None = None,
+                         load: bool = True) -> dict[int, Adapter | None]:
+    """Check every adapter an elastic GGUF names, as the runtime does at load (missing / corrupt / other model /
+    other level): level -> :class:`Adapter` (None for a level without adapter, or when ``load`` is False)."""
+    model_path = os.fspath(model_path)
+    reader = model.open_gguf(model_path)
+    spec = contract.read_spec(contract.reader_fields(reader), source=model_path)
+    if spec is None:
+        raise contract.ContractError(f"{model_path}: not an elastic model (no {contract.KEY_RATIOS})")
+    out: dict[int, Adapter | None] = {}
+    base_dir = os.path.dirname(os.path.abspath(model_path))
+    for i, lv in enumerate(spec.levels):
+        if not lv.lora:
+            out[i] = None
+            continue
+        path = lv.lora if os.path.isabs(lv.lora) else os.path.join(base_dir, lv.lora)
+        try:
+            if not load:
+                if not os.path.isfile(path):
+                    raise contract.ContractError(f"{path}: cannot open adapter file (missing)")
+                got = contract.crc32_file(path)
+                if got != lv.lora_crc32:
+                    raise contract.ContractError(f"{path} is corrupt or was replaced: CRC-32 {got:08x}, "
+                                                 f"the model expects {lv.lora_crc32:08x}")
+                out[i] = None
+            else:
+                out[i] = read_adapter(path, model_id=spec.model_id, level=i, crc32=lv.lora_crc32, config=config)
+        except contract.ContractError as e:
+            raise contract.ContractError(f"{model_path}: elastic level {i}: {e}") from e
+    return out
+
+
+def rewrite_spec(src: str | os.PathLike[str], dst: str | os.PathLike[str] | None, spec: contract.ElasticSpec) -> None:
+    """Write ``src`` with its ``elms.*`` keys replaced by ``spec``'s; every other key and every tensor byte unchanged.
+
+    Metadata only: tensors are copied byte for byte (same order, types and data), so the file stays the same model.
+    ``dst`` None (or the same file as ``src``) rewrites ``src`` in place -- still atomically: a temp file next to it
+    replaces it by rename. Otherwise ``src`` is left untouched. The spec is validated against the model first.
+    """
+    from . import truncate  # the byte-copying writer of strip_elastic / export_static
+
+    src = os.fspath(src)
+    in_place = dst is None or model._same_file(src, os.fspath(dst))
+    dst = src if in_place else os.fspath(dst)  # type: ignore[arg-type]
+    reader = model.open_gguf(src)
+    fields = contract.reader_fields(reader)
+    arch = str(fields.get("general.architecture", ""))
+    if not arch:
+        raise contract.ContractError(f"{src}: missing key general.architecture")
+    dims = contract.dims_from_fields(fields, arch, source=src)
+    contract.validate_levels(spec, dims, {t.name: int(t.tensor_type) for t in reader.tensors}, source=src)
+    kv = truncate._copied_kv(reader)
+    for key, value, main, sub in contract.spec_kv(spec):
+        kv[key] = (value, main, sub)
+    # in place: the reader's memory map keeps the old inode alive while the new file replaces it
+    truncate._write(reader, dst, None if in_place else src, arch, kv, [(t, t.data) for t in reader.tensors])
+    log.info("rewrote the elastic level table of %s -> %s", src, dst)

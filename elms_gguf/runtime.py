@@ -233,9 +233,10 @@ class ElasticLlama(llama_cpp.Llama):
         return lvl
 
     def _clear_cache(self) -> None:
+        # forget every cell (data=False: no need to zero the buffers, empty cells are masked and overwritten)
         mem = _ll.llama_get_memory(self._ctx.ctx)
         if mem is not None:
-            _ll.llama_memory_clear(mem, True)
+            _ll.llama_memory_clear(mem, False)
         self.reset()  # llama-cpp-python reuses cached prefixes otherwise
 
 

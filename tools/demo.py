@@ -44,12 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratios", default="0.6,0.8,1.0")
     ap.add_argument("-n", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-slo", action="store_true", help="skip the SLO part (ElasticLlama under three SLOs)")
+    ap.add_argument("--tlm", default=None, help="TLM GGUF for prompt compression (default: models/tlm-minilm-l2.gguf "
+                                               "if present, else the target's own self-information)")
     args = ap.parse_args(argv)
     print(f"model: {args.model}\nprompt: {args.prompt}\n")
     for ratio in (float(r) for r in args.ratios.split(",")):
         text, pp, tg, lvl = run_level(args.model, ratio, args.prompt, args.n, args.threads)
         print(f"--- --elms-ratio {ratio:.1f} -> {lvl}: prefill {pp:.0f} tok/s, decode {tg:.0f} tok/s")
         print(textwrap.indent(textwrap.fill(text, 100), "    "), "\n")
+    if not args.no_slo:
+        sys.path.insert(0, str(ROOT))
+        from elms_gguf.serve import demo_slo
+
+        print("--- ElasticLlama: one app request (ARC-Easy question after an instruction and 5 examples) under three "
+              "SLOs (fractions of the dense TTFT/TPOT measured on this device)")
+        demo_slo(str(args.model), tlm=args.tlm, n_threads=args.threads)
     return 0
 
 

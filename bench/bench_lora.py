@@ -1,0 +1,408 @@
+"""LoRA recovery figures: per level of the default elastic model, with and without its trained adapter.
+
+    python bench/bench_lora.py                                   # train (demo preset) + measure everything
+    python bench/bench_lora.py --trained bench/out/lora/smollm2-elastic-lora.gguf   # measure an existing result
+
+Model: ``--model``, else ``/tmp/smollm2-elastic.gguf`` or ``models/smollm2-135m-elastic-q4_1.gguf`` if present,
+else ``elms-convert`` with defaults into ``bench/out/lora/``. Prints, and writes to ``bench/out/lora/report.json``:
+
+* training: ``elms-train-lora MODEL -o OUT --preset P`` in a subprocess (``nice -n 10``): wall time, per-level time,
+  KD loss before/after, peak RSS of the training process;
+* perplexity of every level on the converter's held-out CoQA split (``elms_gguf.calib.build`` defaults, disjoint
+  from the training stories), **computed by llama.cpp** (``ElasticLlama``, all logits), with the level's adapter
+  (``elms_lora="required"``) and without (``elms_lora="off"``);
+* RSS of a serving process (``ElasticLlama`` + one 64-token prompt, fresh subprocess each): the input model,
+  the output model with every adapter loaded (dense level and a small level), and the output with adapters off;
+* prefill / decode speed per level with and without the level's adapter: ``llama-bench --elms-ratio R`` with
+  ``LLAMA_ELMS_LORA`` unset (adapters required) vs ``=off`` (llama-bench has no ``--elms-lora`` flag; the
+  variable is what that flag sets), interleaved rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# llama.cpp's CPU backend runs on OpenMP: on a shared machine spinning idle workers make the perplexity passes 2x
+# slower. Sleep instead for the quality/memory parts; llama-bench gets the caller's environment unchanged.
+_CALLER_OMP = os.environ.get("OMP_WAIT_POLICY")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+log = logging.getLogger("bench_lora")
+BIN = Path(os.environ.get("ELMS_LLAMA_LIB_DIR", ROOT / "build" / "llama" / "bin"))
+PY = sys.executable
+CANDIDATES = (Path("/tmp/smollm2-elastic.gguf"), ROOT / "models" / "smollm2-135m-elastic-q4_1.gguf")
+
+
+def find_model(explicit: str | None, out_dir: Path) -> Path:
+    if explicit:
+        return Path(explicit)
+    for c in CANDIDATES:
+        if c.exists():
+            return c
+    dst = out_dir / "smollm2-elastic.gguf"
+    if not dst.exists():
+        log.info("no converted model found: running elms-convert with defaults -> %s", dst)
+        subprocess.run(["nice", "-n", "10", PY, "-m", "elms_gguf.convert", "-o", str(dst), "--no-progress"], check=True,
+                       cwd=ROOT)
+    return dst
+
+
+def train(model: Path, out: Path, preset: str, extra: list[str]) -> dict:
+    report = out.with_suffix(".train.json")
+    cmd = ["nice", "-n", "10", PY, "-m", "elms_gguf.train_lora", str(model), "-o", str(out), "--preset", preset,
+           "--no-progress", "--report-json", str(report), *extra]
+    log.info("%s", " ".join(cmd))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    rep = json.loads(report.read_text())
+    rep["wall_seconds"] = time.perf_counter() - t0
+    report.write_text(json.dumps(rep, indent=1))
+    return rep
+
+
+def heldout_rows(model: Path):
+    """The converter's held-out split (calib.build defaults), tokenized by the model's own BPE."""
+    from elms_gguf import calib, contract
+    from elms_gguf.model import open_gguf
+    from elms_gguf.tokenizer import BPETokenizer
+
+    fields = contract.reader_fields(open_gguf(model))
+    tok = BPETokenizer.from_fields(fields, source=str(model))
+    cfg = calib.CalibConfig()
+    data = calib.build(cfg, tok.encode)
+    return data.heldout, data.description
+
+
+def perplexities(path: Path, rows, *, lora_policy: str, threads: int) -> dict[int, float]:
+    """level -> perplexity of ``rows`` computed by llama.cpp (level -1 = dense)."""
+    import numpy as np
+
+    from elms_gguf.runtime import ElasticLlama
+
+    n = int(rows.shape[1])
+    llm = ElasticLlama(str(path), n_ctx=n, n_batch=n, n_ubatch=n, n_threads=threads, n_threads_batch=threads,
+                       logits_all=True, verbose=False, elms_lora=lora_policy)
+    out: dict[int, float] = {}
+    try:
+        for lv in [i.index for i in llm.levels]:
+            llm.set_level(lv)
+            nll, count = 0.0, 0
+            for row in rows.tolist():
+                llm.reset()
+                llm.eval(row)
+                s = np.asarray(llm.scores[: n - 1], dtype=np.float64)
+                m = s.max(-1, keepdims=True)
+                lse = (m[:, 0] + np.log(np.exp(s - m).sum(-1)))
+                nll += float((lse - s[np.arange(n - 1), row[1:]]).sum())
+                count += n - 1
+            out[lv] = float(np.exp(nll / count))
+            log.info("%s lora=%s level %d: ppl %.2f", path.name, lora_policy, lv, out[lv])
+    finally:
+        llm.close()
+    return out
+
+
+RSS_SNIPPET = r"""
+import sys
+from elms_gguf.runtime import ElasticLlama
+path, policy, ratio = sys.argv[1], sys.argv[2], float(sys.argv[3])
+llm = ElasticLlama(path, n_ctx=512, n_threads=2, verbose=False, elms_lora=policy)
+if ratio < 1.0:
+    llm.set_ratio(ratio)
+llm.eval(list(range(100, 164)))
+st = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+print(int(st["VmRSS"].split()[0]) / 1024, int(st["VmHWM"].split()[0]) / 1024)
+"""
+
+
+def rss(path: Path, policy: str, ratio: float) -> tuple[float, float]:
+    r = subprocess.run([PY, "-c", RSS_SNIPPET, str(path), policy, str(ratio)], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    a, b = r.stdout.split()
+    return float(a), float(b)
+
+
+def llama_bench(model: Path, ratio: float, lora: bool, *, threads: int, reps: int, pp: int, tg: int) -> dict[str, list[float]]:
+    env = dict(os.environ)
+    env.pop("LLAMA_ELMS_LORA", None)
+    env.pop("OMP_WAIT_POLICY", None)
+    if _CALLER_OMP is not None:
+        env["OMP_WAIT_POLICY"] = _CALLER_OMP
+    if not lora:
+        env["LLAMA_ELMS_LORA"] = "off"
+    cmd = [str(BIN / "llama-bench"), "-m", str(model), "-p", str(pp), "-n", str(tg), "-r", str(reps), "-t", str(threads),
+           "--elms-ratio", str(ratio), "-o", "json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-bench failed: {r.stderr[-2000:]}")
+    out: dict[str, list[float]] = {}
+    for t in json.loads(r.stdout):
+        key = f"pp{t['n_prompt']}" if t["n_prompt"] else f"tg{t['n_gen']}"
+        out[key] = [float(x) for x in t["samples_ts"]]
+    return out
+
+
+def speed_figures(out: Path, levels: list[tuple[int, float]], args: argparse.Namespace) -> dict:
+    """llama-bench per level, with / without the level's adapter, in interleaved rounds (median tokens/s)."""
+    speed: dict[str, dict[str, list[float]]] = {}
+    load = [os.getloadavg()[0]]
+    for _ in range(args.rounds):
+        for i, r in levels:
+            if i < 0:
+                continue
+            for lora in (True, False):
+                key = f"{r:.2f}/{'lora' if lora else 'off'}"
+                got = llama_bench(out, r, lora, threads=args.bench_threads, reps=args.reps, pp=args.pp, tg=args.tg)
+                for k, v in got.items():
+                    speed.setdefault(key, {}).setdefault(k, []).extend(v)
+        load.append(os.getloadavg()[0])
+    return {"speed": {k: {m: statistics.median(v) for m, v in d.items()} for k, d in speed.items()},
+            "speed_setup": {"threads": args.bench_threads, "rounds": args.rounds, "reps": args.reps, "pp": args.pp,
+                            "tg": args.tg, "load_avg_1min": load}}
+
+
+def _levels_of(path: Path) -> list[tuple[int, float]]:
+    from elms_gguf import contract
+    from elms_gguf.model import open_gguf
+
+    spec = contract.read_spec(contract.reader_fields(open_gguf(path)))
+    return [(i, lv.ratio) for i, lv in enumerate(spec.levels)] + [(-1, 1.0)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="elastic GGUF (default: see module doc)")
+    p.add_argument("--trained", help="an elms-train-lora output to measure (skips training)")
+    p.add_argument("--preset", default="demo", help="elms-train-lora preset (default: %(default)s)")
+    p.add_argument("--train-args", default="", help="extra elms-train-lora flags, e.g. '--steps 60'")
+    p.add_argument("--out-dir", default=str(ROOT / "bench" / "out" / "lora"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved llama-bench rounds (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=3, help="llama-bench -r per round (default: %(default)s)")
+    p.add_argument("--pp", type=int, default=128)
+    p.add_argument("--tg", type=int, default=32)
+    p.add_argument("--bench-threads", type=int, default=1,
+                   help="llama-bench -t (default: %(default)s: on a shared machine one thread is the steadiest)")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--speed-only", action="store_true", help="rerun only the llama-bench figures of OUT_DIR/report.json")
+    p.add_argument("--report-only", action="store_true", help="rewrite the doc section from OUT_DIR/report.json")
+    p.add_argument("--doc", default=str(ROOT / "docs" / "quality.md"),
+                   help="markdown file whose 'LoRA recovery' section is (re)written (default: %(default)s; '' = none)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_only or args.speed_only:
+        rep = json.loads((out_dir / "report.json").read_text())
+        levels = [tuple(x) for x in rep["levels"]] if "levels" in rep else _levels_of(Path(rep["out"]))
+        if args.speed_only:
+            rep.update(speed_figures(Path(rep["out"]), levels, args))
+            rep["speed_command"] = "python bench/bench_lora.py " + " ".join(sys.argv[1:])
+            rep["levels"] = levels
+            (out_dir / "report.json").write_text(json.dumps(rep, indent=1))
+        rep.setdefault("command", "python bench/bench_lora.py " + " ".join(a for a in sys.argv[1:]
+                                                                         if a not in ("--report-only", "--speed-only")))
+        print_report(rep, levels)
+        if args.doc:
+            write_doc(Path(args.doc), doc_section(rep, levels))
+        return 0
+    report: dict = {"uptime_before": os.getloadavg()}
+
+    if args.trained:
+        out = Path(args.trained)
+        tj = out.with_suffix(".train.json")
+        report["train"] = json.loads(tj.read_text()) if tj.exists() else None
+        model = Path(report["train"]["model"]) if report["train"] else Path(args.model or "")
+    else:
+        model = find_model(args.model, out_dir)
+        out = out_dir / (model.stem + "-lora.gguf")
+        report["train"] = train(model, out, args.preset, args.train_args.split())
+        report["train"]["config"]["preset"] = args.preset + (f" {args.train_args}" if args.train_args else "")
+    report["model"], report["out"] = str(model), str(out)
+
+    from elms_gguf import contract
+    from elms_gguf import lora as L
+    from elms_gguf.model import open_gguf
+
+    L.check_level_adapters(out, load=False)  # missing / corrupt adapters: stop here, not in llama.cpp
+    spec = contract.read_spec(contract.reader_fields(open_gguf(out)))
+    sizes = {i: os.path.getsize(out.parent / lv.lora) for i, lv in enumerate(spec.levels) if lv.lora}
+    report["adapter_bytes"] = sizes
+
+    rows, desc = heldout_rows(model)
+    report["heldout"] = desc
+    t0 = time.perf_counter()
+    with_lora = perplexities(out, rows, lora_policy="required", threads=args.threads)
+    without = perplexities(out, rows, lora_policy="off", threads=args.threads)
+    report["ppl"] = {"with_lora": with_lora, "without_lora": without, "seconds": time.perf_counter() - t0}
+
+    from elms_gguf.runtime import ElasticLlama
+
+    probe = ElasticLlama(str(out), n_ctx=64, verbose=False, elms_lora="off")
+    levels = [(lv.index, lv.ratio) for lv in probe.levels]
+    probe.close()
+    mid = min((r for i, r in levels if i >= 0), key=lambda r: abs(r - 0.6))
+    report["rss_mb"] = {
+        "input model, dense": rss(model, "off", 1.0),
+        "with all adapters, dense": rss(out, "required", 1.0),
+        f"with all adapters, level {mid:.2f}": rss(out, "required", mid),
+        f"adapters off, level {mid:.2f}": rss(out, "off", mid),
+    }
+
+    if not args.skip_speed:
+        report.update(speed_figures(out, levels, args))
+    report["uptime_after"] = os.getloadavg()
+    report["command"] = "python bench/bench_lora.py " + " ".join(sys.argv[1:])
+    report["levels"] = levels
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    print_report(report, levels)
+    if args.doc:
+        write_doc(Path(args.doc), doc_section(report, levels))
+    return 0
+
+
+def print_report(rep: dict, levels: list[tuple[int, float]]) -> None:
+    tr = rep.get("train") or {}
+    by_level = {lv["level"]: lv for lv in tr.get("levels", [])}
+    w, wo = rep["ppl"]["with_lora"], rep["ppl"]["without_lora"]
+    key = lambda d, i: d.get(i, d.get(str(i)))  # noqa: E731 (JSON keys are strings)
+    print(f"model {rep['model']} -> {rep['out']}")
+    if tr:
+        print(f"training: {tr.get('data')}; data {tr['data_seconds']:.0f} s, teacher {tr['teacher_seconds']:.0f} s, "
+              f"total {tr['total_seconds']:.0f} s (wall {tr.get('wall_seconds', 0):.0f} s)")
+    print(f"held-out: {rep['heldout']}")
+    print("| level | ratio | PPL no LoRA | PPL LoRA | KD before -> after | train s | peak RSS MB | adapter MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i, r in levels:
+        t = by_level.get(i)
+        a = rep["adapter_bytes"].get(i, rep["adapter_bytes"].get(str(i)))
+        print(f"| {i} | {r:.2f} | {key(wo, i):.1f} | {key(w, i):.1f} | "
+              + (f"{t['kd_before']:.3f} -> {t['kd_after']:.3f} | {t['seconds']:.0f} | {t['peak_rss_mb']:.0f} | "
+                 if t else "- | - | - | ")
+              + (f"{a / 2**20:.1f} |" if a else "- |"))
+    print("| serving process | RSS MB | peak MB |")
+    print("|---|---|---|")
+    for k, (a, b) in rep["rss_mb"].items():
+        print(f"| {k} | {a:.0f} | {b:.0f} |")
+    if "speed" in rep:
+        print("| ratio | pp t/s LoRA | pp t/s off | tg t/s LoRA | tg t/s off |")
+        print("|---|---|---|---|---|")
+        for i, r in levels:
+            if i < 0:
+                continue
+            a, b = rep["speed"][f"{r:.2f}/lora"], rep["speed"][f"{r:.2f}/off"]
+            pk, tk = [k for k in a if k.startswith("pp")][0], [k for k in a if k.startswith("tg")][0]
+            print(f"| {r:.2f} | {a[pk]:.1f} | {b[pk]:.1f} | {a[tk]:.1f} | {b[tk]:.1f} |")
+    print(f"load average before {rep['uptime_before']}, after {rep['uptime_after']}")
+
+
+BEGIN, END = "<!-- lora-recovery:begin (bench/bench_lora.py) -->", "<!-- lora-recovery:end -->"
+
+
+def write_doc(doc: Path, section: str) -> None:
+    """Replace the marked 'LoRA recovery' block of ``doc`` (append it if absent; create the file if needed)."""
+    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
+    text = doc.read_text() if doc.exists() else "# Quality\n\n"
+    if BEGIN in text and END in text:
+        a, b = text.index(BEGIN), text.index(END) + len(END)
+        text = text[:a] + block.rstrip("\n") + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    doc.write_text(text)
+
+
+def doc_section(rep: dict, levels: list[tuple[int, float]]) -> str:
+    tr = rep.get("train") or {}
+    cfg = tr.get("config", {})
+    by_level = {lv["level"]: lv for lv in tr.get("levels", [])}
+    w, wo = rep["ppl"]["with_lora"], rep["ppl"]["without_lora"]
+    get = lambda d, i: d.get(i, d.get(str(i)))  # noqa: E731
+    dense = get(wo, -1)
+    L: list[str] = []
+    a = L.append
+    a("## LoRA recovery")
+    a("")
+    a(f"Every level below full width of `{rep['model']}` got its own LoRA from `elms-train-lora` (rank "
+      f"{cfg.get('rank')}, alpha {cfg.get('alpha')}, all seven linears of every active block; KL to the dense model's "
+      f"top-{cfg.get('topk')} next-token distribution + tail bucket), preset `{cfg.get('preset', 'demo')}`: "
+      f"{cfg.get('steps')} steps x {cfg.get('batch')} rows x {cfg.get('seq_len')} tokens per level, lr {cfg.get('lr')}, "
+      f"seed {cfg.get('seed')}, on {by_level and next(iter(by_level.values()))['device']}. Training data: "
+      f"{tr.get('data')}.")
+    a("")
+    a(f"Perplexity is computed **by llama.cpp** (`ElasticLlama`, all logits) on {rep['heldout']} -- the converter's "
+      "held-out split, disjoint from the training stories. \"LoRA\" loads the output with `elms_lora=\"required\"`, "
+      "\"no LoRA\" the same file with `elms_lora=\"off\"`.")
+    a("")
+    a("```sh")
+    a(rep["command"])
+    if tr:
+        a(f"# which ran: nice -n 10 elms-train-lora {rep['model']} -o {rep['out']} --preset {cfg.get('preset', 'demo')} "
+          "--report-json ...")
+    a("```")
+    a("")
+    a("| level | ratio | PPL no LoRA (x dense) | PPL LoRA (x dense) | KD on training rows, before -> after | train time s | "
+      "adapter MiB |")
+    a("|---|---|---|---|---|---|---|")
+    for i, r in levels:
+        t = by_level.get(i)
+        ab = get(rep["adapter_bytes"], i)
+        p0, p1 = get(wo, i), get(w, i)
+        a(f"| {i if i >= 0 else 'dense'} | {r:.2f} | {p0:.1f} ({p0 / dense:.2f}x) | {p1:.1f} ({p1 / dense:.2f}x) | "
+          + (f"{t['kd_before']:.3f} -> {t['kd_after']:.3f} | {t['seconds']:.0f} |" if t else "- | - |")
+          + (f" {ab / 2**20:.1f} |" if ab else " - |"))
+    a("")
+    if tr:
+        peak = max(t["peak_rss_mb"] for t in by_level.values()) if by_level else 0
+        a(f"Training wall time {tr.get('wall_seconds', tr['total_seconds']):.0f} s in all: data "
+          f"{tr['data_seconds']:.0f} s (story tokenization + the dense model's answers through llama.cpp), teacher "
+          f"logits {tr['teacher_seconds']:.0f} s, then the levels above; peak RSS of the training process "
+          f"{peak:.0f} MiB. Load average during the run: {rep['uptime_before'][0]:.1f} before, "
+          f"{rep['uptime_after'][0]:.1f} after (2 cores shared with other jobs: times are upper bounds).")
+        a("")
+    a("Memory of a serving process (`ElasticLlama`, n_ctx 512, one 64-token prompt; fresh process each; RSS from "
+      "/proc/self/status), same command:")
+    a("")
+    a("| process | RSS MiB | peak RSS MiB |")
+    a("|---|---|---|")
+    for k, (x, y) in rep["rss_mb"].items():
+        a(f"| {k} | {x:.0f} | {y:.0f} |")
+    a("")
+    if "speed" in rep:
+        su = rep.get("speed_setup", {})
+        a(f"Speed with and without the level's adapter (`llama-bench -m OUT --elms-ratio R -p {su.get('pp')} -n "
+          f"{su.get('tg')} -r {su.get('reps')} -t {su.get('threads')}` with `LLAMA_ELMS_LORA` unset vs `=off`, "
+          f"{su.get('rounds')} interleaved rounds, median tokens/s; 1-minute load average during the rounds "
+          f"{', '.join(f'{x:.1f}' for x in su.get('load_avg_1min', []))}). The 1.00 row is the full-width level, which "
+          "has no adapter: its LoRA/off ratio shows the run-to-run noise.")
+        a("")
+        a("```sh")
+        a(rep.get("speed_command", rep["command"]))
+        a("```")
+        a("")
+        a("| ratio | prefill t/s LoRA | prefill t/s off | LoRA/off | decode t/s LoRA | decode t/s off | LoRA/off |")
+        a("|---|---|---|---|---|---|---|")
+        for i, r in levels:
+            if i < 0:
+                continue
+            x, y = rep["speed"][f"{r:.2f}/lora"], rep["speed"][f"{r:.2f}/off"]
+            pk = [k for k in x if k.startswith("pp")][0]
+            tk = [k for k in x if k.startswith("tg")][0]
+            a(f"| {r:.2f} | {x[pk]:.1f} | {y[pk]:.1f} | {x[pk] / y[pk]:.2f} | {x[tk]:.1f} | {y[tk]:.1f} | "
+              f"{x[tk] / y[tk]:.2f} |")
+        a("")
+    return "\n".join(L) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""elms-train-lora (issue 4): per-level LoRA trained by self-distillation, exported and attached to the model.
+
+References, independent of the training code:
+* llama.cpp's logits at level k of the output model (the runtime applies the level's adapter by itself) against
+  the PyTorch forward of the sliced model with the adapter read back from its file (model.forward(widths, lora));
+* the KD loss of the same rows before / after training (must drop);
+* the written adapter files (padding beyond the active widths exactly zero, no tensors for skipped blocks);
+* the input model's bytes and the output's tensor bytes (metadata-only rewrite).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from elms_gguf import contract, lora, model, train_lora
+from elms_gguf.contract import ContractError
+
+from runtime_helpers import BIN, GGML_TYPE_F32, open_llm, run_logits
+
+STEPS = 20
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _tokens(config: model.ModelConfig, rows: int = 8, length: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, config.n_vocab, (rows, length), generator=g)
+
+
+def _cfg(config: model.ModelConfig, **kw) -> train_lora.TrainConfig:
+    base = dict(steps=STEPS, batch=4, seq_len=32, lr=1e-2, warmup=1, topk=32, tokens=_tokens(config), progress=False,
+                fast=False, device="cpu")
+    base.update(kw)
+    return train_lora.TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_elastic_llama):
+    """The tiny anchored elastic llama (level 0 skips layer 2) with adapters trained for levels 0 and 1."""
+    d = tmp_path_factory.mktemp("train_lora")
+    src = shutil.copyfile(tiny_elastic_llama.path, d / "tiny.gguf")
+    before = _sha(src)
+    res = train_lora.train_all_levels(src, _cfg(tiny_elastic_llama.config), out=d / "tiny-lora.gguf")
+    return dict(src=Path(src), src_sha=before, res=res, tiny=tiny_elastic_llama,
+                adapters={r.level: lora.read_adapter(r.adapter_path) for r in res.levels})
+
+
+def _assert_close(got: np.ndarray, ref: np.ndarray, rtol: float = 2e-4) -> None:
+    scale = np.abs(ref).max()
+    err = np.abs(got - ref).max()
+    assert err <= rtol * scale, f"max |diff| {err:.3g} > {rtol} x max |logit| {scale:.3g}"
+
+
+def _torch_logits(tiny, tokens, level, lora_=None) -> np.ndarray:
+    with torch.no_grad():
+        return model.forward(tiny.config, tiny.weights, torch.tensor(tokens), widths=model.level_widths(level),
+                             lora=lora_, dtype=torch.float64).numpy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training
+
+
+def test_every_level_below_full_width_is_trained_and_named_by_the_model(trained):
+    res, tiny = trained["res"], trained["tiny"]
+    assert [r.level for r in res.levels] == [0, 1]  # level 2 is the dense model: no adapter
+    spec = contract.read_spec(model.load_gguf(res.out)[2].fields)
+    for r in res.levels:
+        assert Path(r.adapter_path).name == f"tiny-lora.level{r.level}.lora.gguf"
+        assert spec.levels[r.level].lora == Path(r.adapter_path).name
+        assert spec.levels[r.level].lora_crc32 == contract.crc32_file(r.adapter_path)
+    assert spec.levels[2].lora == ""
+    ad = trained["adapters"][0]
+    assert (ad.model_id, ad.level, ad.rank, ad.alpha) == (tiny.spec.model_id, 0, 8, 16.0)
+    assert {n.split(".")[2] for n in ad.weights} == set(lora.TARGETS)  # all seven linears
+
+
+def test_training_reduces_the_kd_loss_on_the_training_rows(trained):
+    for r in trained["res"].levels:
+        assert r.kd_after < 0.7 * r.kd_before, (r.level, r.kd_before, r.kd_after)
+        assert r.loss_last < r.loss_first
+
+
+def test_kd_before_training_is_the_sub_model_without_adapter(trained):
+    """B starts at zero, so step 0 is the plain sub-model; and the KD loss is the KL to the dense model."""
+    tiny = trained["tiny"]
+    cfg = _cfg(tiny.config)
+    data = train_lora.teacher_targets(tiny.config, tiny.weights, cfg.tokens, topk=cfg.topk, device=torch.device("cpu"))
+    probe = data.rows(range(8))
+    with torch.no_grad():
+        dense = model.forward(tiny.config, tiny.weights, probe.tokens)
+        plain = model.forward(tiny.config, tiny.weights, probe.tokens, widths=tiny.spec.levels[0])
+        assert float(train_lora.kd_loss(dense, probe)) < 1e-5  # the teacher against itself
+        kd = float(train_lora.kd_loss(plain, probe))
+    assert kd == pytest.approx(trained["res"].levels[0].kd_before, rel=1e-4)
+    # the top-k + tail KL never exceeds the full KL (data-processing inequality)
+    full = torch.nn.functional.kl_div(plain.log_softmax(-1), dense.log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1).mean()
+    assert kd <= float(full) + 1e-6
+
+
+def test_fast_bf16_training_also_reduces_the_loss(tiny_elastic_llama):
+    tiny = tiny_elastic_llama
+    cfg = _cfg(tiny.config, fast=True)
+    data = train_lora.teacher_targets(tiny.config, tiny.weights, cfg.tokens, topk=cfg.topk, device=torch.device("cpu"))
+    _, st = train_lora.train_level(tiny.config, tiny.weights, tiny.spec.levels[1], data, cfg, level_index=1,
+                                   model_id=tiny.spec.model_id)
+    assert st["kd_after"] < 0.7 * st["kd_before"]
+
+
+def test_submodel_in_float32_is_the_reference_forward(tiny_elastic_qwen2):
+    """The training forward (pre-sliced weights) computes model.forward(widths, lora) (qwen2: biases, untied head)."""
+    tiny = tiny_elastic_qwen2
+    lv = tiny.spec.levels[0]
+    ad = lora.random_adapter(tiny.config, level=0, ratio=lv.ratio, model_id="x", seed=3)
+    tok = _tokens(tiny.config, 2, 16)
+    sub = train_lora.SubModel(tiny.config, tiny.weights, lv, device=torch.device("cpu"), fast=False)
+    with torch.no_grad():
+        got = sub.logits(tok, ad.as_forward_lora())
+        ref = model.forward(tiny.config, tiny.weights, tok, widths=lv, lora=ad.as_forward_lora())
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# export
+
+
+def test_padding_beyond_the_active_width_is_exactly_zero_and_skipped_blocks_have_no_tensors(trained):
+    tiny = trained["tiny"]
+    c = tiny.config
+    for level, ad in trained["adapters"].items():
+        widths = model.level_widths(tiny.spec.levels[level])
+        for il, (kv, ff) in enumerate(widths):
+            for kind in lora.TARGETS:
+                name = f"blk.{il}.{kind}.weight"
+                if (kind.startswith("attn") and kv == 0) or (kind.startswith("ffn") and ff == 0):
+                    assert name not in ad.weights, f"level {level}: {name} is skipped but has adapter tensors"
+                    continue
+                a, b = ad.weights[name]
+                n_out, n_in = model.tensor_shapes(c)[0][name]
+                assert a.shape == (8, n_in) and b.shape == (n_out, 8)  # full shapes on disk
+                rows, cols = train_lora.active_shape(c, kind, kv, ff)
+                rows, cols = rows or n_out, cols or n_in
+                assert torch.count_nonzero(a[:, cols:]) == 0 and torch.count_nonzero(b[rows:]) == 0, name
+                assert torch.count_nonzero(b[:rows]) > 0, f"{name}: B was not trained"
+        assert {int(n.split(".")[1]) for n in ad.weights} == {il for il, (kv, ff) in enumerate(widths) if kv or ff}
+
+
+def test_input_untouched_and_output_tensors_byte_identical(trained):
+    src, res = trained["src"], trained["res"]
+    assert _sha(src) == trained["src_sha"]
+    a, b = model.open_gguf(src), model.open_gguf(res.out)
+    assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert ta.data.tobytes() == tb.data.tobytes(), ta.name
+    fa, fb = contract.reader_fields(a), contract.reader_fields(b)
+    assert {k: v for k, v in fa.items() if not contract.is_elastic_key(k)} == \
+        {k: v for k, v in fb.items() if not contract.is_elastic_key(k)}
+    sa, sb = contract.read_spec(fa), contract.read_spec(fb)
+    for la, lb in zip(sa.levels, sb.levels):
+        assert (la.ratio, la.head_count_kv, la.feed_forward_length) == (lb.ratio, lb.head_count_kv, lb.feed_forward_length)
+    assert (sa.model_id, sa.anchors) == (sb.model_id, sb.anchors)
+
+
+def test_rewrite_spec_in_place_is_atomic_and_metadata_only(tiny_elastic_llama, tmp_path):
+    path = shutil.copyfile(tiny_elastic_llama.path, tmp_path / "m.gguf")
+    before = {t.name: t.data.tobytes() for t in model.open_gguf(path).tensors}
+    spec = contract.read_spec(model.load_gguf(path)[2].fields)
+    (tmp_path / "x.lora.gguf").write_bytes(b"stand-in")
+    lora.attach_adapters(spec, {1: str(tmp_path / "x.lora.gguf")}, model_dir=str(tmp_path))
+    lora.rewrite_spec(path, None, spec)
+    after = model.open_gguf(path)
+    assert {t.name: t.data.tobytes() for t in after.tensors} == before
+    got = contract.read_spec(contract.reader_fields(after))
+    assert (got.levels[1].lora, got.levels[1].lora_crc32) == ("x.lora.gguf", contract.crc32_file(tmp_path / "x.lora.gguf"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "x.lora.gguf"]  # no temp files left
+    bad = contract.read_spec(contract.reader_fields(after))
+    bad.levels[0].head_count_kv[1] = 5  # wider than the model: refused before anything is written
+    with pytest.raises(ContractError, match="head_count_kv 5 outside"):
+        lora.rewrite_spec(path, tmp_path / "n.gguf", bad)
+    assert not (tmp_path / "n.gguf").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Python-side adapter checks (the runtime's own refusals are tested in test_runtime)
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other-model", "other-level"])
+def test_bad_adapters_are_refused_in_python(case, trained, tmp_path):
+    res = trained["res"]
+    work = tmp_path / case
+    shutil.copytree(Path(res.out).parent, work, ignore=shutil.ignore_patterns("tiny.gguf"))
+    out = work / Path(res.out).name
+    ad0 = work / Path(res.levels[0].adapter_path).name
+    ad1 = work / Path(res.levels[1].adapter_path).name
+    spec = contract.read_spec(model.load_gguf(out)[2].fields)
+    if case == "missing":
+        ad0.unlink()
+    elif case == "corrupt":
+        data = bytearray(ad0.read_bytes())
+        data[-5] ^= 0xFF
+        ad0.write_bytes(bytes(data))
+    else:
+        a = trained["adapters"][0]
+        if case == "other-model":
+            a = lora.Adapter(a.weights, a.alpha, 0, a.ratio, "someone-else")
+        else:
+            a = trained["adapters"][1]
+        lora.write_adapter(ad0, trained["tiny"].config, a)
+        lora.attach_adapters(spec, {0: str(ad0)}, model_dir=str(work))  # CRC fine: only id / level are wrong
+        lora.rewrite_spec(out, None, spec)
+    expect = {"missing": "cannot open adapter file", "corrupt": "is corrupt or was replaced",
+              "other-model": "was trained for model 'someone-else'", "other-level": "is the adapter of level 1, not of level 0"}
+    with pytest.raises(ContractError) as e:
+        lora.check_level_adapters(out, config=trained["tiny"].config)
+    assert "elastic level 0" in str(e.value) and expect[case] in str(e.value)
+    assert ad1.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the runtime runs what was trained
+
+
+@pytest.fixture(scope="module")
+def runtime() -> None:
+    if not (BIN / "libllama.so").exists():
+        pytest.skip(f"patched llama.cpp not built ({BIN}); run `make setup`")
+
+
+def test_llama_cpp_level_logits_match_pytorch_with_the_trained_adapter_and_switch_with_the_level(runtime, trained):
+    tiny, res, adapters = trained["tiny"], trained["res"], trained["adapters"]
+    levels = tiny.spec.levels
+    llm = open_llm(res.out, flash_attn=False, type_kv=GGML_TYPE_F32)
+    try:
+        for i in (0, 1, 0, 2):
+            llm.set_level(i)
+            got, tokens = run_logits(llm)
+            ref = _torch_logits(tiny, tokens, levels[i], adapters[i].as_forward_lora() if i < 2 else None)
+            _assert_close(got, ref)
+            if i < 2:
+                # the level's own adapter, not none and not the other level's
+                for other in (None, adapters[1 - i].as_forward_lora()):
+                    assert np.abs(got - _torch_logits(tiny, tokens, levels[i], other)).max() > 1e-2 * np.abs(ref).max()
+    finally:
+        llm.close()
+
+
+def test_cli_trains_from_a_calibration_token_file(runtime, tiny_elastic_llama, tmp_path):
+    src = shutil.copyfile(tiny_elastic_llama.path, tmp_path / "m.gguf")
+    before = _sha(src)
+    np.save(tmp_path / "rows.npy", _tokens(tiny_elastic_llama.config, 6, 32).numpy())
+    rc = train_lora.main([str(src), "--prose", str(tmp_path / "rows.npy"), "--prose-samples", "6", "--seq-len", "32",
+                          "--qa-samples", "0", "--steps", "2", "--batch", "2", "--levels", "1", "--topk", "16",
+                          "--no-progress", "--report-json", str(tmp_path / "r.json")])
+    assert rc == 0
+    assert _sha(src) == before
+    out = tmp_path / "m-lora.gguf"
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["out"] == str(out) and [lv["level"] for lv in rep["levels"]] == [1]
+    assert (tmp_path / "m-lora.level1.lora.gguf").exists()
+    llm = open_llm(out)  # elms_lora="required": the runtime accepts the adapter
+    try:
+        llm.set_level(1)
+        run_logits(llm, decode_steps=1)
+    finally:
+        llm.close()
+    assert train_lora.main([str(src), "-o", str(src), "--qa-samples", "0"]) == 2  # never over the input
+
+
+def test_dense_answers_to_questions_in_the_chat_template(runtime, tmp_path):
+    pytest.importorskip("pyarrow")
+    try:
+        qs = train_lora.questions(4, seed=1)
+    except train_lora.TrainError as e:
+        pytest.skip(str(e))
+    assert [s for s, _ in qs] == list(train_lora.QA_SOURCES)
+    import gguf
+
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    cfg = model.tiny_config("llama")
+    path = tmp_path / "chat.gguf"
+    model.write_gguf(path, cfg, model.random_weights(cfg), extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab) + [
+        ("tokenizer.chat_template", chatml, gguf.GGUFValueType.STRING, None)])
+    from elms_gguf.runtime import ElasticLlama
+
+    llm = ElasticLlama(str(path), n_ctx=512, n_threads=1, verbose=False, elms_lora="off")
+    try:
+        dialogues = train_lora.answer_dialogues(llm, qs[:2], max_tokens=4)
+        text = llm.detokenize(dialogues[0]).decode("utf-8", "replace").lstrip()  # SPM: leading space prefix
+    finally:
+        llm.close()
+    assert text.startswith("<|im_start|>user\n" + qs[0][1] + "<|im_end|>\n<|im_start|>assistant\n")
+    assert text.endswith("<|im_end|>\n")
+    rows = train_lora.pack(dialogues, 16)
+    assert all(len(r) == 16 for r in rows) and len(rows) == sum(map(len, dialogues)) // 16
+
+
+def test_refusals_name_the_problem(tiny_llama, tiny_elastic_llama, tmp_path):
+    cfg = _cfg(tiny_elastic_llama.config)
+    with pytest.raises(train_lora.TrainError, match="not an elastic GGUF"):
+        train_lora.train_all_levels(tiny_llama.path, cfg, out=tmp_path / "x.gguf")
+    with pytest.raises(train_lora.TrainError, match="level 2 is the full-width model"):
+        train_lora.train_all_levels(tiny_elastic_llama.path, train_lora.TrainConfig(**{**cfg.__dict__, "levels": [2]}),
+                                    out=tmp_path / "x.gguf")
+    with pytest.raises(train_lora.TrainError, match="does not exist"):
+        train_lora.train_all_levels(tiny_elastic_llama.path, cfg, out=tmp_path / "nowhere" / "x.gguf")
+    assert list(tmp_path.iterdir()) == []
