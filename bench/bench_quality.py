@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
