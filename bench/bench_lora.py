@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -172,6 +173,29 @@ def speed_figures(out: Path, levels: list[tuple[int, float]], args: argparse.Nam
                             "tg": args.tg, "load_avg_1min": load}}
 
 
+def _cmdline() -> str:
+    """This run's command line, without the output-only flags."""
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a in ("--doc",):
+            skip = True
+            continue
+        if a.startswith("--doc=") or a in ("--report-only",):
+            continue
+        args.append(a)
+    return " ".join(["python bench/bench_lora.py", *args])
+
+
+def _model_id(path: Path) -> str:
+    from elms_gguf import contract
+    from elms_gguf.model import open_gguf
+
+    return str(contract.reader_fields(open_gguf(path)).get(contract.KEY_MODEL_ID, ""))
+
+
 def _levels_of(path: Path) -> list[tuple[int, float]]:
     from elms_gguf import contract
     from elms_gguf.model import open_gguf
@@ -206,13 +230,13 @@ def main() -> int:
     if args.report_only or args.speed_only:
         rep = json.loads((out_dir / "report.json").read_text())
         levels = [tuple(x) for x in rep["levels"]] if "levels" in rep else _levels_of(Path(rep["out"]))
+        rep.setdefault("model_id", _model_id(Path(rep["out"])))
         if args.speed_only:
             rep.update(speed_figures(Path(rep["out"]), levels, args))
-            rep["speed_command"] = "python bench/bench_lora.py " + " ".join(sys.argv[1:])
+            rep["speed_command"] = _cmdline()
             rep["levels"] = levels
             (out_dir / "report.json").write_text(json.dumps(rep, indent=1))
-        rep.setdefault("command", "python bench/bench_lora.py " + " ".join(a for a in sys.argv[1:]
-                                                                         if a not in ("--report-only", "--speed-only")))
+        rep.setdefault("command", _cmdline())
         print_report(rep, levels)
         if args.doc:
             write_doc(Path(args.doc), doc_section(rep, levels))
@@ -230,6 +254,7 @@ def main() -> int:
         report["train"] = train(model, out, args.preset, args.train_args.split())
         report["train"]["config"]["preset"] = args.preset + (f" {args.train_args}" if args.train_args else "")
     report["model"], report["out"] = str(model), str(out)
+    report["model_id"] = _model_id(out)
 
     from elms_gguf import contract
     from elms_gguf import lora as L
@@ -263,7 +288,7 @@ def main() -> int:
     if not args.skip_speed:
         report.update(speed_figures(out, levels, args))
     report["uptime_after"] = os.getloadavg()
-    report["command"] = "python bench/bench_lora.py " + " ".join(sys.argv[1:])
+    report["command"] = _cmdline()
     report["levels"] = levels
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     print_report(report, levels)
@@ -322,6 +347,10 @@ def write_doc(doc: Path, section: str) -> None:
     doc.write_text(text)
 
 
+def _num(x: float) -> str:
+    return f"{x:.3g}" if x >= 1e4 else f"{x:.2f}" if x < 10 else f"{x:.1f}"
+
+
 def doc_section(rep: dict, levels: list[tuple[int, float]]) -> str:
     tr = rep.get("train") or {}
     cfg = tr.get("config", {})
@@ -333,12 +362,12 @@ def doc_section(rep: dict, levels: list[tuple[int, float]]) -> str:
     a = L.append
     a("## LoRA recovery")
     a("")
-    a(f"Every level below full width of `{rep['model']}` got its own LoRA from `elms-train-lora` (rank "
+    a(f"Every level below full width of `{rep['model']}` (`elms.model_id` {rep.get('model_id', '?')}) got its own LoRA from `elms-train-lora` (rank "
       f"{cfg.get('rank')}, alpha {cfg.get('alpha')}, all seven linears of every active block; KL to the dense model's "
       f"top-{cfg.get('topk')} next-token distribution + tail bucket), preset `{cfg.get('preset', 'demo')}`: "
       f"{cfg.get('steps')} steps x {cfg.get('batch')} rows x {cfg.get('seq_len')} tokens per level, lr {cfg.get('lr')}, "
       f"seed {cfg.get('seed')}, on {by_level and next(iter(by_level.values()))['device']}. Training data: "
-      f"{tr.get('data')}.")
+      f"{tr.get('data')}." + (f" {rep['model_note']}" if rep.get("model_note") else ""))
     a("")
     a(f"Perplexity is computed **by llama.cpp** (`ElasticLlama`, all logits) on {rep['heldout']} -- the converter's "
       "held-out split, disjoint from the training stories. \"LoRA\" loads the output with `elms_lora=\"required\"`, "
@@ -358,7 +387,7 @@ def doc_section(rep: dict, levels: list[tuple[int, float]]) -> str:
         t = by_level.get(i)
         ab = get(rep["adapter_bytes"], i)
         p0, p1 = get(wo, i), get(w, i)
-        a(f"| {i if i >= 0 else 'dense'} | {r:.2f} | {p0:.1f} ({p0 / dense:.2f}x) | {p1:.1f} ({p1 / dense:.2f}x) | "
+        a(f"| {i if i >= 0 else 'dense'} | {r:.2f} | {_num(p0)} ({_num(p0 / dense)}x) | {_num(p1)} ({_num(p1 / dense)}x) | "
           + (f"{t['kd_before']:.3f} -> {t['kd_after']:.3f} | {t['seconds']:.0f} |" if t else "- | - |")
           + (f" {ab / 2**20:.1f} |" if ab else " - |"))
     a("")
@@ -370,6 +399,19 @@ def doc_section(rep: dict, levels: list[tuple[int, float]]) -> str:
           f"{peak:.0f} MiB. Load average during the run: {rep['uptime_before'][0]:.1f} before, "
           f"{rep['uptime_after'][0]:.1f} after (2 cores shared with other jobs: times are upper bounds).")
         a("")
+    a("Reading the table:")
+    a("")
+    a("* KD is the training objective (top-k + tail KL to the dense model, nats per position) on the first training "
+      "rows; PPL is on held-out stories the adapters never saw, computed by llama.cpp with the adapter applied "
+      "through the runtime's views.")
+    a("* The held-out prose is CoQA like the training prose: part of the PPL gain can be domain fit (the same caveat "
+      "as research/quality-feasibility.md 5c). The multiple-choice tasks of `bench/bench_quality.py` "
+      "(`taylor+lora`) are the out-of-domain check.")
+    a("* A level whose non-anchor layers are all skipped (width 0) keeps only the anchors: its LoRA can only adapt "
+      "the anchors, hence the huge but still far-from-dense figures at the lowest ratio.")
+    a("* Adapter files are F32 and zero-padded to the full weight shapes (the runtime's contract); a level's file "
+      "holds no tensors for blocks it skips, hence the smaller files of the lowest levels.")
+    a("")
     a("Memory of a serving process (`ElasticLlama`, n_ctx 512, one 64-token prompt; fresh process each; RSS from "
       "/proc/self/status), same command:")
     a("")
@@ -390,6 +432,8 @@ def doc_section(rep: dict, levels: list[tuple[int, float]]) -> str:
         a(rep.get("speed_command", rep["command"]))
         a("```")
         a("")
+        ratios_pp: list[float] = []
+        ratios_tg: list[float] = []
         a("| ratio | prefill t/s LoRA | prefill t/s off | LoRA/off | decode t/s LoRA | decode t/s off | LoRA/off |")
         a("|---|---|---|---|---|---|---|")
         for i, r in levels:
@@ -400,7 +444,15 @@ def doc_section(rep: dict, levels: list[tuple[int, float]]) -> str:
             tk = [k for k in x if k.startswith("tg")][0]
             a(f"| {r:.2f} | {x[pk]:.1f} | {y[pk]:.1f} | {x[pk] / y[pk]:.2f} | {x[tk]:.1f} | {y[tk]:.1f} | "
               f"{x[tk] / y[tk]:.2f} |")
+            if r < 0.999:
+                ratios_pp.append(x[pk] / y[pk])
+                ratios_tg.append(x[tk] / y[tk])
         a("")
+        if ratios_pp:
+            g = lambda v: math.exp(sum(map(math.log, v)) / len(v))  # noqa: E731
+            a(f"Geometric mean over the levels with an adapter: prefill LoRA/off {g(ratios_pp):.2f}, decode "
+              f"{g(ratios_tg):.2f}.")
+            a("")
     return "\n".join(L) + "\n"
 
 

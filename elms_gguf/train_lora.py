@@ -81,7 +81,8 @@ _QA_PATHS = {
 
 #: sizes of the two documented settings; every field is also a flag
 PRESETS: dict[str, dict[str, Any]] = {
-    # SmolLM2-135M, 8 levels, 2 shared CPU cores: ~2.5 min data + teacher, then ~1-2 min per level (docs/quality.md)
+    # SmolLM2-135M, 8 levels on a shared 2-core VM (load 6-11): 19 min wall = 2.6 min data + teacher, then
+    # 1.2-2.6 min per level (docs/quality.md, 'LoRA recovery'); a quiet machine should need about half
     "demo": dict(steps=30, batch=4, seq_len=128, lr=2e-3, warmup=3, prose_samples=32, qa_samples=32, qa_max_tokens=64),
     # a GPU-sized run (not measured here): 600 steps x 16 x 256 tokens = 2.5 M tokens per level, ~4 epochs of
     # 360 prose rows + 3000 answered questions (ELMS itself: 2 epochs of Alpaca-cleaned, ~52k instructions)
