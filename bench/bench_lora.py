@@ -142,16 +142,9 @@ def llama_bench(model: Path, ratio: float, lora: bool, *, threads: int, reps: in
         env["OMP_WAIT_POLICY"] = _CALLER_OMP
     if not lora:
         env["LLAMA_ELMS_LORA"] = "off"
-    cmd = [str(BIN / "llama-bench"), "-m", str(model), "-p", str(pp), "-n", str(tg), "-r", str(reps), "-t", str(threads),
-           "--elms-ratio", str(ratio), "-o", "json"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(f"llama-bench failed: {r.stderr[-2000:]}")
-    out: dict[str, list[float]] = {}
-    for t in json.loads(r.stdout):
-        key = f"pp{t['n_prompt']}" if t["n_prompt"] else f"tg{t['n_gen']}"
-        out[key] = [float(x) for x in t["samples_ts"]]
-    return out
+    from bench_speed import llama_bench as run_llama_bench  # bench/ is the script's directory
+
+    return run_llama_bench(model, ratio=ratio, threads=threads, reps=reps, pp=pp, tg=tg, env=env)
 
 
 def speed_figures(out: Path, levels: list[tuple[int, float]], args: argparse.Namespace) -> dict:

@@ -53,12 +53,14 @@ def synthetic_elastic(dst: Path) -> Path:
     return dst
 
 
-def llama_bench(model_path: Path, *, ratio: float | None, threads: int, reps: int, pp: int, tg: int) -> dict[str, list[float]]:
+def llama_bench(model_path: Path, *, ratio: float | None, threads: int, reps: int, pp: int, tg: int,
+                env: dict[str, str] | None = None) -> dict[str, list[float]]:
+    """Per-sample tokens/s of one llama-bench run (no repacking), keyed pp<N> / tg<N>."""
     cmd = [str(BIN / "llama-bench"), "-m", str(model_path), "-p", str(pp), "-n", str(tg), "-r", str(reps),
            "-t", str(threads), "--repack", "0", "-o", "json"]
     if ratio is not None:
         cmd += ["--elms-ratio", str(ratio)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"llama-bench failed: {r.stderr[-2000:]}")
     out: dict[str, list[float]] = {}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .contract import ContractError, ElasticSpec, Level, ModelDims  # noqa: F401
+from .contract import ContractError, ElasticSpec, Level, ModelDims  # noqa: F401  (re-exported)
 
 
 def __getattr__(name: str):  # lazy: importing the runtime loads libllama
