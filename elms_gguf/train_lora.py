@@ -114,6 +114,7 @@ class TrainConfig:
     qa_max_tokens: int = PRESETS["demo"]["qa_max_tokens"]
     qa_sources: Sequence[str] = QA_SOURCES
     topk: int = 64
+    adapter_type: str = L.DEFAULT_ADAPTER_TYPE  # storage of A/B in the adapter GGUFs: f16 | f32
     levels: Sequence[int] | None = None  # level indices to train (default: every level below full width)
     device: str = "auto"  # auto | cpu | cuda
     fast: bool = True  # bf16 frozen weights + autocast (float32 when False)
@@ -677,7 +678,7 @@ def train_all_levels(path: str | os.PathLike[str], config: TrainConfig | None = 
         adapter, st = train_level(mconfig, weights, lv, data, cfg, level_index=i, model_id=spec.model_id, device=device)
         secs = time.perf_counter() - t0
         apath = adapter_path(out_path, i)
-        L.write_adapter(apath, mconfig, adapter)
+        L.write_adapter(apath, mconfig, adapter, dtype=cfg.adapter_type)
         written[i] = apath
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
         results.append(LevelResult(level=i, ratio=lv.ratio, adapter_path=apath, params=int(st["params"]),
@@ -742,6 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qa-max-tokens", type=int, help="max answer tokens")
     p.add_argument("--qa-sources", default=",".join(QA_SOURCES), help="question sets (default: %(default)s)")
     p.add_argument("--topk", type=int, default=64, help="teacher log-probs kept per position (default: %(default)s)")
+    p.add_argument("--adapter-type", choices=tuple(L.ADAPTER_TYPES), default=L.DEFAULT_ADAPTER_TYPE,
+                   help="storage of the adapters' A/B (default: %(default)s; f32 doubles their memory)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda (default: %(default)s)")
     p.add_argument("--precise", action="store_true", help="float32 training (default: bf16 weights + autocast)")
     p.add_argument("--threads", type=int, help="threads for llama.cpp answer generation and torch")
@@ -763,7 +766,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         levels = [int(x) for x in args.levels.split(",") if x.strip()]
     return replace(cfg, seed=args.seed, rank=args.rank, alpha=args.alpha, prose=args.prose, topk=args.topk,
                    qa_sources=tuple(s for s in args.qa_sources.split(",") if s), levels=levels, device=args.device,
-                   fast=not args.precise, threads=args.threads,
+                   fast=not args.precise, threads=args.threads, adapter_type=args.adapter_type,
                    progress=not args.no_progress and sys.stderr.isatty())
 
 

@@ -314,3 +314,52 @@ def test_refusals_name_the_problem(tiny_llama, tiny_elastic_llama, tmp_path):
     with pytest.raises(train_lora.TrainError, match="does not exist"):
         train_lora.train_all_levels(tiny_elastic_llama.path, cfg, out=tmp_path / "nowhere" / "x.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# elms-convert --train-lora
+
+
+def test_convert_with_train_lora_writes_a_model_whose_levels_run_their_adapters(tmp_path):
+    """ConvertConfig.train_lora (CLI --train-lora) trains every level below full on the output and names the adapters;
+    the runtime then applies them: llama.cpp at level 0 = PyTorch with the adapter read back from its file."""
+    from elms_gguf import convert as CV
+
+    src = tmp_path / "dense.gguf"
+    model.make_tiny_gguf(src)
+    before = _sha(src)
+    config, weights, _ = model.load_gguf(str(src))
+    out = tmp_path / "elastic.gguf"
+    res = CV.convert(str(src), str(out), config=CV.ConvertConfig(
+        progress=False, probe_samples=2, compare=False, levels=(0.5, 1.0),
+        calib_tokens=CV.tiny_calib_tokens(model.TINY_VOCAB_SIZE, 4, 16),
+        heldout_tokens=CV.tiny_calib_tokens(model.TINY_VOCAB_SIZE, 2, 16, 1), train_lora=_cfg(config, steps=5)))
+    assert _sha(src) == before
+    assert [r.level for r in res.lora.levels] == [0] and "lora" in res.to_json()
+    adapters = lora.check_level_adapters(out)
+    assert adapters[1] is None and adapters[0] is not None and adapters[0].model_id == res.spec.model_id
+    cfg_o, w_o, src_o = model.load_gguf(str(out))
+    spec = contract.read_spec(src_o.fields)
+    llm = open_llm(out, flash_attn=False, type_kv=GGML_TYPE_F32)
+    try:
+        llm.set_level(0)
+        got, tokens = run_logits(llm)
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ref = model.forward(cfg_o, w_o, torch.tensor(tokens), widths=model.level_widths(spec.levels[0]),
+                            lora=adapters[0].as_forward_lora(), dtype=torch.float64).numpy()
+        plain = model.forward(cfg_o, w_o, torch.tensor(tokens), widths=model.level_widths(spec.levels[0]),
+                              dtype=torch.float64).numpy()
+    _assert_close(got, ref)
+    assert np.abs(ref - plain).max() > 1e-4  # control: the trained adapter changes the output
+
+
+def test_convert_refuses_an_unknown_lora_preset_before_any_work(tmp_path, caplog):
+    from elms_gguf import convert as CV
+
+    src = tmp_path / "dense.gguf"
+    model.make_tiny_gguf(src)
+    assert CV.main([str(src), "-o", str(tmp_path / "out.gguf"), "--train-lora", "huge", "--no-progress"]) == 2
+    assert "unknown LoRA preset 'huge' (known: demo, full)" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.gguf"]

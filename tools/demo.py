@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-slo", action="store_true", help="skip the SLO part (ElasticLlama under three SLOs)")
-    ap.add_argument("--tlm", default=None, help="TLM GGUF for prompt compression (default: models/tlm-minilm-l2.gguf "
-                                               "if present, else the target's own self-information)")
+    ap.add_argument("--tlm", default=None, help="TLM GGUF for prompt compression (default: tlm-minilm-l1.gguf, else "
+                                               "tlm-minilm-l2.gguf, next to the model if present, else the target's "
+                                               "own self-information)")
     args = ap.parse_args(argv)
     print(f"model: {args.model}\nprompt: {args.prompt}\n")
     for ratio in (float(r) for r in args.ratios.split(",")):
