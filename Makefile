@@ -36,7 +36,7 @@ $(QWEN):
 	tools/fetch_qwen.sh $(QWEN)
 
 $(QWEN_ELASTIC): $(QWEN) | setup
-	$(PY) -m elms_gguf.convert $(QWEN) -o $(QWEN_ELASTIC) --outtype q4_k_m
+	$(PY) -m elms_gguf.convert $(QWEN) -o $(QWEN_ELASTIC) --outtype q4_k_m --levels 0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0
 
 qwen: setup $(QWEN_ELASTIC)
 	$(PY) tools/demo.py $(QWEN_ELASTIC) --no-slo

@@ -114,7 +114,8 @@ def report(args: argparse.Namespace, work: Path, timings: dict[str, Any]) -> str
     for kind in KINDS:
         t = timings.get(kind)
         if t:
-            a(f"| `elms-convert {t['cmd']}` | {t['wall_s']:.0f} | {t['cpu_s']:.0f} | {t['peak_rss_mb']:.0f} | "
+            shown = " ".join(x for x in t["cmd"].split() if x not in ("--no-progress",)).split(" --report-json")[0]
+            a(f"| `elms-convert {shown}` | {t['wall_s']:.0f} | {t['cpu_s']:.0f} | {t['peak_rss_mb']:.0f} | "
               f"{t['load_before'][0]:.2f} -> {t['load_after'][0]:.2f} |")
     a("")
     a("Target (issue 3): under 3 minutes and 4 GB for the default model on this 2-core machine. Magnitude and random "
@@ -141,8 +142,12 @@ def report(args: argparse.Namespace, work: Path, timings: dict[str, Any]) -> str
                 cells.append("-")
                 continue
             vals[k] = e["ppl"]
-            cells.append(f"{e['ppl']:.1f} ({e['ppl'] / dense['ppl']:.2f}x; {e['achieved_ratio']:.3f})")
+            x = e["ppl"] / dense["ppl"]
+            cells.append(f"{e['ppl']:.{0 if e['ppl'] >= 1000 else 1}f} ({x:.{0 if x >= 100 else 2}f}x; "
+                         f"{e['achieved_ratio']:.3f})")
         best = min(vals, key=vals.get) if vals else "-"
+        if vals and sorted(vals.values())[1:2] and sorted(vals.values())[1] <= vals[best] * 1.005:
+            best = "tie"  # within 0.5 %: the same model up to requantization noise
         if best in wins and float(lv) < 1.0:
             wins[best] += 1
         a(f"| {float(lv):.1f} | " + " | ".join(cells) + f" | {best} |")

@@ -13,11 +13,16 @@ is trained on commonsense_qa / social_i_qa / arc_challenge / CoQA, disjoint from
 Modes, every request of every app:
 
 * ``dense``       -- the dense model, whole prompt (the "no SLO" reference);
-* ``ours``        -- ELMS: :func:`elms_gguf.orchestrate.decide` over (level, prompt ratio), TLM compression;
+* ``ours``        -- ELMS: the TLM's decision head (:mod:`elms_gguf.decision`, when the TLM has one) guarded by the
+  profile, else :func:`elms_gguf.orchestrate.decide` over (level, prompt ratio); TLM compression;
+* ``ours_rule``   -- ELMS with the profile rule only (no decision head), to isolate what the head adds;
 * ``model_only``  -- elastic model only: the largest level meeting the SLO with the whole prompt (best effort);
 * ``prompt_only`` -- prompt compression only (TLM) on the dense model, the largest ratio meeting the SLO;
 * ``ours_h10``    -- ELMS planning against 90 % of the SLO (``headroom=0.1``: a margin for latency noise);
-* ``ours_selfinfo`` -- ELMS with the TLM-free scorer (the model's own self-information at its smallest level).
+* ``ours_selfinfo`` -- ELMS with the TLM-free scorer (the model's own self-information at its smallest level);
+* ``layerdrop``   -- the trivial alternative: a layer-drop model (``elms-convert --allocation layerdrop``, whole
+  layers removed in the converter's layer-skip order, levels 0.5..1.0) given by ``--layerdrop``, its largest level
+  meeting the SLO with the whole prompt (its own latency profile, ``elms-profile``).
 
 Per request: TTFT is measured from the request's start (planning, scoring, compression, prefill) to the first
 token's logits, TPOT over a few greedy tokens; the answer is the choice with the highest mean token
@@ -51,7 +56,7 @@ log = logging.getLogger("bench_slo")
 
 APPS = [("openbookqa", (1.0, 1.0)), ("arc_easy", (0.8, 0.9)), ("hellaswag", (0.6, 0.8)), ("boolq", (0.4, 0.7)),
         ("piqa", (0.2, 0.6)), ("sciq", (0.2, 0.5))]
-MODES = ("dense", "ours", "ours_h10", "model_only", "prompt_only", "ours_selfinfo")
+MODES = ("dense", "ours", "ours_rule", "ours_h10", "model_only", "prompt_only", "ours_selfinfo", "layerdrop")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,7 +126,7 @@ def baseline_decision(llm, mode: str, slo: SLO, n_fixed: int, n_c: int, ctx: str
     if mode == "dense":
         return _with_slo(O.decide(prof, SLO(), n_fixed=n_fixed, n_compressible=n_c, levels=[-1]), slo, prof,
                          n_fixed + n_c)
-    if mode == "model_only":
+    if mode in ("model_only", "layerdrop"):
         return O.decide(prof, slo, n_fixed=n_fixed, n_compressible=n_c, levels=levels, best_effort=True)
     if mode == "prompt_only":
         return O.decide(prof, slo, n_fixed=n_fixed, n_compressible=n_c, levels=[-1], best_effort=True,
@@ -169,6 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--apps", default=",".join(a for a, _ in APPS))
     ap.add_argument("--decode", type=int, default=4, help="generated tokens per request (TPOT)")
     ap.add_argument("--alpha", default="0,0.25,-0.25")
+    ap.add_argument("--layerdrop", help="layer-drop elastic GGUF for the 'layerdrop' mode (needs its saved profile)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "bench_slo.json"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -182,6 +188,13 @@ def main(argv=None) -> int:
     llms = {"tlm": ElasticLlama(args.model, tlm=args.tlm, profile=args.profile, **kw)}
     if "ours_selfinfo" in modes:
         llms["selfinfo"] = ElasticLlama(args.model, scorer="selfinfo", profile=llms["tlm"].profile, **kw)
+    if "layerdrop" in modes:
+        if not args.layerdrop:
+            raise SystemExit("mode layerdrop needs --layerdrop PATH (elms-convert --allocation layerdrop)")
+        llms["layerdrop"] = ElasticLlama(args.layerdrop, scorer=None, profile="auto", **kw)  # its own profile
+        if llms["layerdrop"].profile is None:
+            raise SystemExit(f"no latency profile for {args.layerdrop}: run elms-profile {args.layerdrop} "
+                             f"-t {args.threads}")
     if llms["tlm"].profile is None:
         raise SystemExit(f"no latency profile for {args.model}: run elms-profile {args.model} -t {args.threads} "
                          f"--tlm {args.tlm} --selfinfo")
@@ -194,9 +207,15 @@ def main(argv=None) -> int:
         slo = SLO.relative(tt, tp)
         for item in app.items:
             for mode in modes:  # interleaved: every mode sees the same background load
-                llm = llms["selfinfo" if mode == "ours_selfinfo" else "tlm"]
+                llm = llms["selfinfo" if mode == "ours_selfinfo" else "layerdrop" if mode == "layerdrop" else "tlm"]
                 llm.headroom = 0.1 if mode == "ours_h10" else 0.0
-                r = run_request(llm, "ours" if mode.startswith("ours") else mode, app, item, slo, args.decode)
+                head = llm.decision_head
+                if mode == "ours_rule":
+                    llm.decision_head = None
+                try:
+                    r = run_request(llm, "ours" if mode.startswith("ours") else mode, app, item, slo, args.decode)
+                finally:
+                    llm.decision_head = head
                 results[mode].setdefault(app_name, []).append(r)
         log.info("%s %s done (%.0f s): %s", app_name, (tt, tp), time.time() - t_start, "  ".join(
             f"{m} acc {np.mean([r['correct'] for r in results[m][app_name]]):.2f} "

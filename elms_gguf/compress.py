@@ -135,6 +135,7 @@ class _Cached:
     scores: np.ndarray
     ms: float
     costs: list[int] | None = None  # target tokens of every word (with its leading whitespace)
+    pooled: np.ndarray | None = None  # the scorer's pooled hidden state (TLM), for the decision head
 
 
 class PromptCompressor:
@@ -187,11 +188,18 @@ class PromptCompressor:
         if scores.shape != (len(words),):
             raise CompressionError(f"scorer {self.scorer.name} returned {scores.shape} scores for {len(words)} words")
         with self._lock:
-            self._cache[key] = _Cached(scores, ms)
+            self._cache[key] = _Cached(scores, ms, pooled=getattr(self.scorer, "last_pooled", None))
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         self.last_scorer_ms, self.last_cache_hit = ms, False
         return scores
+
+    def pooled(self, words: Sequence[Word]) -> np.ndarray | None:
+        """The scorer's pooled hidden state of ``words`` (scoring them if not cached); None if it has none."""
+        self.word_scores(words)
+        with self._lock:
+            hit = self._cache.get(self._key(words))
+        return None if hit is None or hit.pooled is None else np.array(hit.pooled, copy=True)
 
     def _costs(self, words: Sequence[Word]) -> list[int]:
         """Target tokens of every word (cached with the scores)."""

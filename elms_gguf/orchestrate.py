@@ -110,6 +110,8 @@ def decide(
     levels: Sequence[int] | None = None,
     best_effort: bool = False,
     headroom: float = 0.0,
+    prompt_ratios: Sequence[float] | None = None,
+    overhead_ms: float = 0.0,
 ) -> Decision:
     """The (level, prompt ratio) to run a request with (see the module docstring).
 
@@ -127,6 +129,10 @@ def decide(
         best_effort: return the least-bad pair (``feasible=False``) instead of raising :class:`SLOInfeasible`.
         headroom: plan against ``(1 - headroom)`` of the SLO (absorbs latency noise; the reported SLO is the real
             one).
+        prompt_ratios: consider exactly these prompt ratios (largest first) instead of the grid
+            ``min_prompt_ratio .. 1`` (e.g. the one ratio a decision head chose).
+        overhead_ms: time already spent on this request before prefill whatever is chosen (e.g. the TLM pass
+            that fed a decision head); added to every predicted TTFT and reported as scorer time.
     """
     slo = SLO.coerce(slo)
     if isinstance(n_fixed, bool) or int(n_fixed) != n_fixed or n_fixed < 0:
@@ -143,7 +149,12 @@ def decide(
     cost = 0.0
     if can_compress:
         cost = float(scorer_ms(n_compressible)) if scorer_ms is not None else profile.scorer_ms(scorer, n_compressible)
-    grid = ratio_grid(min_prompt_ratio, ratio_step) if can_compress else [1.0]
+    if prompt_ratios is not None:
+        if not prompt_ratios or any(not (0 < float(r) <= 1) for r in prompt_ratios):
+            raise ValueError(f"prompt_ratios must be non-empty, each in (0, 1], got {list(prompt_ratios)}")
+        grid = sorted({float(r) for r in prompt_ratios}, reverse=True) if can_compress else [1.0]
+    else:
+        grid = ratio_grid(min_prompt_ratio, ratio_step) if can_compress else [1.0]
     lvls = list(profile.level_order()) if levels is None else [int(x) for x in levels]
     for lv in lvls:
         if lv not in profile.levels:
@@ -153,7 +164,7 @@ def decide(
     def make(lv: int, rho: float, feasible: bool, reason: str) -> Decision:
         n_prompt = n_fixed + _kept(n_compressible, rho)
         prefill = profile.ttft_ms(lv, n_prompt)
-        sc = cost if (rho < 1.0 and can_compress) else 0.0
+        sc = (cost if (rho < 1.0 and can_compress) else 0.0) + float(overhead_ms)
         return Decision(level=lv, level_ratio=profile.levels[lv].ratio, prompt_ratio=rho, n_fixed=n_fixed,
                         n_compressible=n_compressible, n_prompt=n_prompt, predicted_prefill_ms=prefill,
                         predicted_scorer_ms=sc, predicted_ttft_ms=prefill + sc,

@@ -65,6 +65,9 @@ class ElasticLlama(_RuntimeElasticLlama):
             :class:`~elms_gguf.orchestrate.SLOInfeasible` (False, default); per request too.
         headroom: plan against ``(1 - headroom)`` x the SLO, a margin for latency noise (default 0).
         score_cache: contexts whose word scores are cached (default 64).
+        decision_head: ``"auto"`` (default: the TLM's decision head when it has one, :mod:`elms_gguf.decision`,
+            guarded by the profile), ``"rule"`` (always the profile rule, :func:`elms_gguf.orchestrate.decide`)
+            or ``"head"`` (require a TLM with a decision head).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class ElasticLlama(_RuntimeElasticLlama):
         best_effort: bool = False,
         headroom: float = 0.0,
         score_cache: int = 64,
+        decision_head: str = "auto",
         **kwargs: Any,
     ) -> None:
         _n_threads_kwargs(kwargs)
@@ -111,6 +115,20 @@ class ElasticLlama(_RuntimeElasticLlama):
         self.compressor = C.PromptCompressor(scorer_obj, tokenizer=self, cache_size=score_cache) if scorer_obj else None  # type: ignore[arg-type]
         if self.profile is not None and self.scorer is not None and self.scorer.name not in self.profile.scorers:  # type: ignore[attr-defined]
             self.profile_scorer()
+        if decision_head not in ("auto", "rule", "head"):
+            raise ValueError(f"decision_head must be 'auto', 'rule' or 'head', got {decision_head!r}")
+        head = getattr(self.scorer, "decision_head", None) if self.scorer is self.tlm else None
+        mine = str(self._fingerprint.get("model_id") or "")
+        if head is not None and head.target_model_id and mine and head.target_model_id != mine:
+            msg = (f"the TLM's decision head was trained for model '{head.target_model_id}', not for {model_path} "
+                   f"('{mine}')")
+            if decision_head == "head":
+                raise ValueError(msg)
+            log.warning("%s: deciding with the profile rule instead", msg)
+            head = None
+        if decision_head == "head" and head is None:
+            raise ValueError("decision_head='head' needs tlm= with a decision head (elms-train-decision) as the scorer")
+        self.decision_head = head if decision_head != "rule" else None
 
     # -- profile ------------------------------------------------------------------------------------------
 
@@ -190,6 +208,21 @@ class ElasticLlama(_RuntimeElasticLlama):
             raise ProfileError(f"no latency profile for {self.model_path}: run `elms-profile {self.model_path} "
                                f"-t {self.n_threads}` or llm.measure_profile(), or pass profile=")
         levels = [li.index for li in self.levels if li.index in self.profile.levels]
+        ctx = next((c for c in contexts if c), None)
+        if self.decision_head is not None and n_compressible and ctx is not None and self.compressor is not None:
+            from . import decision as D
+
+            t0 = time.perf_counter()
+            cached = self.compressor.is_cached(ctx)
+            pooled = self.compressor.pooled(C.split_words(ctx))
+            overhead = 0.0 if cached else (time.perf_counter() - t0) * 1e3  # the TLM pass is spent either way
+            if pooled is not None:
+                return D.guarded_decision(
+                    self.decision_head, self.profile, slo, n_fixed=n_fixed, n_compressible=n_compressible,
+                    pooled=pooled, levels=levels, scorer_ms=self._scorer_ms(contexts),
+                    min_prompt_ratio=self.min_prompt_ratio if min_prompt_ratio is None else min_prompt_ratio,
+                    best_effort=self.best_effort if best_effort is None else best_effort, headroom=self.headroom,
+                    overhead_ms=overhead)
         return O.decide(self.profile, slo, n_fixed=n_fixed, n_compressible=n_compressible,
                         scorer_ms=self._scorer_ms(contexts) if n_compressible else None,
                         min_prompt_ratio=self.min_prompt_ratio if min_prompt_ratio is None else min_prompt_ratio,

