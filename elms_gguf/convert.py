@@ -533,6 +533,12 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
     types = tensor_types_for(mconfig, weights, main_type, source, cfg.outtype.lower())
     grid = width_grid(mconfig, types, kquant)
     allowed = _allowed(dims, cfg.static_exportable)
+    # every layer of a llama / qwen2 model has the same shapes, so whether the levels are reachable depends only on
+    # how many layers stay full width: refuse now rather than after minutes of gradients and probes
+    n_early = len(set(cfg.anchor_layers)) if cfg.anchor_layers is not None else \
+        default_anchor_count(dims.n_layer) if cfg.anchors is None else int(cfg.anchors)
+    if 0 <= n_early <= dims.n_layer:
+        _check_reachable(dims, levels, list(range(n_early)), mconfig.qkv_bias, allowed, grid)
     t0 = lap("load", t0)
 
     # ---- calibration data

@@ -419,9 +419,14 @@ def test_rejects_unsliceable_ffn(tmp_path):
     assert "ok.gguf" in os.listdir(tmp_path)
 
 
-def test_rejects_unreachable_levels(tmp_path):
+def test_rejects_unreachable_levels(tmp_path, monkeypatch):
     src = tmp_path / "m.gguf"
     M.make_tiny_gguf(src)
+
+    def no_gradients(*a, **k):
+        raise AssertionError("unreachable levels must be refused before the importance pass")
+
+    monkeypatch.setattr(CV, "unit_scores", no_gradients)
     with pytest.raises(CV.ConvertError, match="below the smallest reachable ratio"):
         CV.convert(str(src), str(tmp_path / "out.gguf"), config=_tiny_cfg(levels=(0.2, 1.0), anchors=3))
     assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
