@@ -120,22 +120,23 @@ class BanEOS:
         return scores
 
 
-def baseline_decision(llm, mode: str, slo: SLO, n_fixed: int, n_c: int, ctx: str) -> O.Decision | None:
+def baseline_decision(llm, mode: str, slo: SLO, n_fixed: int, n_c: int, ctx: str, n_decode: int) -> O.Decision | None:
     prof = llm.profile
     levels = [li.index for li in llm.levels if li.index in prof.levels]
     if mode == "dense":
-        return _with_slo(O.decide(prof, SLO(), n_fixed=n_fixed, n_compressible=n_c, levels=[-1]), slo, prof,
-                         n_fixed + n_c)
+        return _with_slo(O.decide(prof, SLO(), n_fixed=n_fixed, n_compressible=n_c, levels=[-1], n_decode=n_decode),
+                         slo, prof, n_fixed + n_c, n_decode)
     if mode in ("model_only", "layerdrop"):
-        return O.decide(prof, slo, n_fixed=n_fixed, n_compressible=n_c, levels=levels, best_effort=True)
+        return O.decide(prof, slo, n_fixed=n_fixed, n_compressible=n_c, levels=levels, best_effort=True,
+                        n_decode=n_decode)
     if mode == "prompt_only":
         return O.decide(prof, slo, n_fixed=n_fixed, n_compressible=n_c, levels=[-1], best_effort=True,
-                        scorer_ms=llm._scorer_ms([ctx]), min_prompt_ratio=llm.min_prompt_ratio)
+                        scorer_ms=llm._scorer_ms([ctx]), min_prompt_ratio=llm.min_prompt_ratio, n_decode=n_decode)
     return None  # ours: the serving path decides
 
 
-def _with_slo(d: O.Decision, slo: SLO, prof, n_full: int) -> O.Decision:
-    d.slo_ttft_ms, d.slo_tpot_ms = slo.resolve(prof, n_full)
+def _with_slo(d: O.Decision, slo: SLO, prof, n_full: int, n_decode: int) -> O.Decision:
+    d.slo_ttft_ms, d.slo_tpot_ms = slo.resolve(prof, n_full, n_decode)
     d.feasible = d.predicted_ttft_ms <= d.slo_ttft_ms and d.predicted_tpot_ms <= d.slo_tpot_ms
     return d
 
@@ -145,7 +146,7 @@ def run_request(llm, mode: str, app: TK.AppPrompts, item: TK.MCItem, slo: SLO, n
     ctx = app.context
     n_full = llm.count_tokens(ctx + "\n\n" + q, add_bos=True)
     n_c = llm.count_tokens(ctx)
-    d = baseline_decision(llm, mode, slo, n_full - n_c, n_c, ctx)
+    d = baseline_decision(llm, mode, slo, n_full - n_c, n_c, ctx, n_decode)
     from elms_gguf.runtime import llama_cpp
 
     lp = llama_cpp.LogitsProcessorList([BanEOS(llm.token_eos())])

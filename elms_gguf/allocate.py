@@ -38,6 +38,7 @@ class WidthGrid:
     dims: ModelDims
     attn_block: int = 1  # block size of attn_output's type
     ffn_block: int = 1  # block size of ffn_down's type
+    min_ffn: int = 0  # smallest non-zero FFN width (narrow ffn_down column prefixes waste cache lines at decode)
 
     @property
     def kv_values(self) -> list[int]:
@@ -53,7 +54,7 @@ class WidthGrid:
     @property
     def ff_values(self) -> list[int]:
         n = self.dims.n_ff
-        return sorted(set(range(0, n + 1, self.ffn_step)) | {n})
+        return sorted({v for v in range(0, n + 1, self.ffn_step) if v == 0 or v >= self.min_ffn} | {n})
 
     def check(self) -> None:
         d = self.dims

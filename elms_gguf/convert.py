@@ -91,6 +91,7 @@ class ConvertConfig:
     importance: str = "taylor"  # taylor | magnitude | random
     allocation: str = "searched"  # searched | uniform | layerdrop
     static_exportable: bool = True  # keep every level loadable by stock llama.cpp as a truncated GGUF (see allocate)
+    min_ffn_width: int = 0  # smallest non-zero FFN width a level may keep (0: any block-aligned width)
     fit_samples: int = 4  # blocks per type probed at mid width to fit the cost-curve exponent (0 = exponent 1)
     compare: bool = True  # also measure the other allocations at every level
     export_static: Sequence[float] = ()  # ratios to export as standalone truncated GGUFs next to the output
@@ -338,7 +339,7 @@ def predicted_kquant_block(n_cols: int) -> int:
     return QK_K if n_cols % QK_K == 0 else 32
 
 
-def width_grid(config: M.ModelConfig, types: Mapping[str, int], kquant: str | None) -> A.WidthGrid:
+def width_grid(config: M.ModelConfig, types: Mapping[str, int], kquant: str | None, *, min_ffn: int = 0) -> A.WidthGrid:
     dims = config.dims()
     if kquant is not None:
         ab = predicted_kquant_block(dims.n_head * dims.head_dim)
@@ -346,7 +347,9 @@ def width_grid(config: M.ModelConfig, types: Mapping[str, int], kquant: str | No
     else:
         ab = max(contract.block_size(types[f"blk.{il}.attn_output.weight"]) for il in range(dims.n_layer))
         fb = max(contract.block_size(types[f"blk.{il}.ffn_down.weight"]) for il in range(dims.n_layer))
-    grid = A.WidthGrid(dims, attn_block=ab, ffn_block=fb)
+    if not 0 <= min_ffn <= dims.n_ff:
+        raise ConvertError(f"--min-ffn-width {min_ffn} outside [0, {dims.n_ff}]")
+    grid = A.WidthGrid(dims, attn_block=ab, ffn_block=fb, min_ffn=min_ffn)
     grid.check()
     if len(grid.kv_values) <= 2 and dims.n_head_kv > 1:
         log.warning("attention can only be kept whole or skipped: %d KV groups x %d columns do not split into "
@@ -531,7 +534,7 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
              dims.n_ff, mconfig.n_vocab)
     main_type, kquant = resolve_outtype(cfg.outtype, source)
     types = tensor_types_for(mconfig, weights, main_type, source, cfg.outtype.lower())
-    grid = width_grid(mconfig, types, kquant)
+    grid = width_grid(mconfig, types, kquant, min_ffn=cfg.min_ffn_width)
     allowed = _allowed(dims, cfg.static_exportable)
     # every layer of a llama / qwen2 model has the same shapes, so whether the levels are reachable depends only on
     # how many layers stay full width: refuse now rather than after minutes of gradients and probes
@@ -1033,6 +1036,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fit-samples", type=int, default=4, help="mid-width probes per block type to fit the cost curve "
                    "(0: linear in dropped energy; default: %(default)s)")
     g.add_argument("--no-compare", action="store_true", help="do not measure the other allocations")
+    g.add_argument("--min-ffn-width", type=int, default=0, metavar="N",
+                   help="keep each FFN block at 0 or at least N neurons (narrow ffn_down column prefixes read whole "
+                        "cache lines for a few bytes each and decode slower than a truncated model; default: no limit)")
     g.add_argument("--precise", action="store_true", help="float32 gradients and probes (default: bf16 autocast where "
                    "the CPU has AVX512-BF16/AMX; losses differ by ~0.002 nats)")
     g = p.add_argument_group("output")
@@ -1067,7 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 heldout_samples=args.heldout_samples, heldout_len=args.heldout_len, seed=args.seed),
             probe_samples=args.probe_samples, anchors=args.anchors, anchor_layers=anchor_layers,
             importance=args.importance, allocation=args.allocation, static_exportable=not args.allow_ffn_only_skip,
-            fit_samples=args.fit_samples, compare=not args.no_compare, export_static=args.export_static,
+            fit_samples=args.fit_samples, min_ffn_width=args.min_ffn_width, compare=not args.no_compare, export_static=args.export_static,
             dry_run=args.dry_run, fast=False if args.precise else None, seed=args.seed, quantize_bin=args.quantize_bin,
             tokenizer_from=args.tokenizer_from, name=args.name, train_lora=args.train_lora, progress=not args.no_progress and sys.stderr.isatty(),
         )

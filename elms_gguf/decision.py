@@ -391,7 +391,8 @@ def _rule_pick(feas: np.ndarray, level_ratios: Sequence[float], prompt_ratios: S
 def guarded_decision(head: DecisionHead, profile: LatencyProfile, slo: SLO | object, *, n_fixed: int,
                      n_compressible: int, pooled: np.ndarray, levels: Sequence[int],
                      scorer_ms: Callable[[int], float] | None, min_prompt_ratio: float = O.DEFAULT_MIN_PROMPT_RATIO,
-                     best_effort: bool = False, headroom: float = 0.0, overhead_ms: float = 0.0) -> O.Decision:
+                     best_effort: bool = False, headroom: float = 0.0, overhead_ms: float = 0.0,
+                     n_decode: int | None = None) -> O.Decision:
     """The head's (level, prompt ratio) for this request when the profile predicts it meets the SLO; else the
     largest ratio that fits at the head's level; else :func:`orchestrate.decide` (the guard)."""
     slo = SLO.coerce(slo)
@@ -401,7 +402,7 @@ def guarded_decision(head: DecisionHead, profile: LatencyProfile, slo: SLO | obj
     lv = min(levels, key=lambda k: (abs(profile.levels[k].ratio - want_level), -profile.levels[k].ratio))
     rho = max(want_ratio, min_prompt_ratio) if (n_compressible and scorer_ms is not None) else 1.0
     common = dict(n_fixed=n_fixed, n_compressible=n_compressible, scorer_ms=scorer_ms,
-                  min_prompt_ratio=min_prompt_ratio, headroom=headroom, overhead_ms=overhead_ms)
+                  min_prompt_ratio=min_prompt_ratio, headroom=headroom, overhead_ms=overhead_ms, n_decode=n_decode)
     d = O.decide(profile, slo, levels=[lv], prompt_ratios=[rho], best_effort=True, **common)
     if d.feasible:
         d.reason = f"decision head: level ratio {want_level:.2f}, prompt ratio {want_ratio:g} (feasible)"
@@ -444,8 +445,12 @@ def collect(llm: Any, *, apps: Sequence[str] = TRAIN_APPS, n_items: int = 16, se
 
     if llm.compressor is None or llm.tlm is None:
         raise DecisionHeadError("collecting decision labels needs an ElasticLlama with tlm=")
-    lv = list(levels) if levels is not None else [li.index for li in llm.levels]
-    lv.sort(key=lambda k: llm.profile.levels[k].ratio if llm.profile else k, reverse=True)
+    if levels is None:  # every level once: the full-width level runs the same model as dense (-1), keep -1
+        by_ratio: dict[float, int] = {}
+        for li in sorted(llm.levels, key=lambda li: li.index != -1):
+            by_ratio.setdefault(round(float(li.ratio), 6), li.index)
+        levels = list(by_ratio.values())
+    lv = sorted(levels, key=lambda k: llm.profile.levels[k].ratio if llm.profile else k, reverse=True)
     jobs = [(a, it) for a in apps for it in app_prompts(a, n_items=n_items, seed=seed).items]
     contexts = {a: app_prompts(a, n_items=0).context for a in apps}
     out: list[Outcome] = []
@@ -488,7 +493,8 @@ Runs every training question (commonsense_qa, social_i_qa, arc_challenge apps; t
 tasks) at every level x prompt ratio (-n 16: 48 questions x 9 levels x 3 ratios, ~10 min on 2 cores), labels an
 SLO grid with ELMS's rule, fits the two softmax heads on 3/4 of the questions and reports, on the held-out
 quarter, the accuracy of the guarded head's choices vs the profile rule's and the oracle's. The head is then
-refitted on every question and written into the TLM GGUF (in place, atomically, unless -o).
+refitted on every question and written into the TLM GGUF (in place, atomically, unless -o) -- only if it did at
+least as well as the rule on the held-out questions (exit status 3 otherwise; --force overrides).
 """
 
 
@@ -512,6 +518,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--l2", type=float, default=1e-2)
     ap.add_argument("--outcomes", help=".npz cache of the collected outcomes (read if present, else written)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--force", action="store_true", help="write the head even if it does worse than the profile rule "
+                    "on the held-out questions")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -528,6 +536,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.outcomes and os.path.exists(args.outcomes):
             outcomes, levels, ratios = load_outcomes(args.outcomes)
             log.info("%d outcomes from %s", len(outcomes), args.outcomes)
+            # one class per level ratio (the full-width level and dense -1 are the same model: keep -1)
+            keep, seen = [], set()
+            for i in sorted(range(len(levels)), key=lambda i: levels[i] != -1):
+                r = round(llm.profile.levels[levels[i]].ratio, 6)
+                if r not in seen:
+                    seen.add(r)
+                    keep.append(i)
+            keep.sort()
+            levels = [levels[i] for i in keep]
+            for o in outcomes:
+                o.correct = o.correct[keep]
         else:
             outcomes, levels = collect(llm, n_items=args.n, seed=args.seed, prompt_ratios=ratios,
                                        progress=sys.stderr.isatty())
@@ -545,11 +564,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         head.report["heldout_probe"] = probe.report.get("heldout", {})
         head.report["heldout_probe"]["train_questions"] = len(train_set)
         llm.close()
-        write_head(args.tlm, args.output or args.tlm, head)
     except (DecisionHeadError, ValueError, OSError) as e:
         log.error("%s", e)
         return 2
     h = head.report["heldout_probe"]
+    worse = h.get("acc_head", 0.0) < h.get("acc_rule", 0.0)
+    if not worse or args.force:
+        write_head(args.tlm, args.output or args.tlm, head)
     print(f"outcomes: {len(outcomes)} questions x {len(levels)} levels x {len(ratios)} prompt ratios; "
           f"accuracy of every pair: " + ", ".join(f"{np.mean([o.correct[i].mean() for o in outcomes]):.2f}"
                                                    for i in range(len(levels))) + " (levels, largest first)")
@@ -557,6 +578,12 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"guarded head {h.get('acc_head', 0):.3f}, profile rule {h.get('acc_rule', 0):.3f}, oracle "
           f"{h.get('acc_oracle', 0):.3f}; class accuracy level {h.get('level_acc', 0):.2f} / ratio "
           f"{h.get('ratio_acc', 0):.2f}; guard overrides {h.get('guard_overrides', 0):.2f}")
+    if worse and not args.force:
+        log.error("the decision head answers fewer held-out questions correctly (%.3f) than the profile rule (%.3f): "
+                  "not written, serving keeps the rule (--force writes it anyway; more questions, or a target model "
+                  "well above chance on the training apps, give the head something to learn)",
+                  h.get("acc_head", 0.0), h.get("acc_rule", 0.0))
+        return 3
     print(f"wrote the decision head ({head.report['train_samples']} samples) into {args.output or args.tlm}")
     return 0
 

@@ -112,6 +112,7 @@ def decide(
     headroom: float = 0.0,
     prompt_ratios: Sequence[float] | None = None,
     overhead_ms: float = 0.0,
+    n_decode: int | None = None,
 ) -> Decision:
     """The (level, prompt ratio) to run a request with (see the module docstring).
 
@@ -133,6 +134,8 @@ def decide(
             ``min_prompt_ratio .. 1`` (e.g. the one ratio a decision head chose).
         overhead_ms: time already spent on this request before prefill whatever is chosen (e.g. the TLM pass
             that fed a decision head); added to every predicted TTFT and reported as scorer time.
+        n_decode: output tokens after the first (``max_tokens - 1``): TPOT is predicted as the mean over that many
+            intervals (the first tokens after a prefill are slower); None = steady state.
     """
     slo = SLO.coerce(slo)
     if isinstance(n_fixed, bool) or int(n_fixed) != n_fixed or n_fixed < 0:
@@ -143,7 +146,7 @@ def decide(
     n_full = n_fixed + n_compressible
     if not (0.0 <= headroom < 1.0):
         raise ValueError(f"headroom must be in [0, 1), got {headroom}")
-    slo_ttft, slo_tpot = slo.resolve(profile, n_full)
+    slo_ttft, slo_tpot = slo.resolve(profile, n_full, n_decode)
     plan_ttft, plan_tpot = slo_ttft * (1 - headroom), slo_tpot * (1 - headroom)
     can_compress = n_compressible > 0 and (scorer is not None or scorer_ms is not None)
     cost = 0.0
@@ -168,14 +171,14 @@ def decide(
         return Decision(level=lv, level_ratio=profile.levels[lv].ratio, prompt_ratio=rho, n_fixed=n_fixed,
                         n_compressible=n_compressible, n_prompt=n_prompt, predicted_prefill_ms=prefill,
                         predicted_scorer_ms=sc, predicted_ttft_ms=prefill + sc,
-                        predicted_tpot_ms=profile.tpot_ms(lv), slo_ttft_ms=slo_ttft, slo_tpot_ms=slo_tpot,
+                        predicted_tpot_ms=profile.tpot_ms(lv, n_decode), slo_ttft_ms=slo_ttft, slo_tpot_ms=slo_tpot,
                         feasible=feasible, reason=reason, options=len(lvls) * len(grid))
 
     def fits(value: float, limit: float) -> bool:
         return value <= limit * (1 + _EPS) + _EPS
 
     for lv in lvls:
-        if not fits(profile.tpot_ms(lv), plan_tpot):
+        if not fits(profile.tpot_ms(lv, n_decode), plan_tpot):
             continue
         for rho in grid:
             d = make(lv, rho, True, "")

@@ -210,13 +210,26 @@ class LevelProfile:
     ttft: Curve
     tpot_ms: float
     tpot_samples: list[float] = field(default_factory=list)
+    # median interval at each position after the prompt: the first tokens after a prefill are slower (the decode
+    # graph is rebuilt, caches are cold), so a short generation's TPOT is above the steady-state ``tpot_ms``
+    tpot_by_position: list[float] = field(default_factory=list)
 
     def ttft_ms(self, n_tokens: float) -> float:
         return self.ttft(n_tokens)
 
+    def tpot_over(self, n_intervals: int | None) -> float:
+        """Mean time per output token over the first ``n_intervals`` intervals of a generation (the TPOT a
+        request of ``n_intervals + 1`` tokens measures); past the profiled positions the steady value holds."""
+        pos = self.tpot_by_position
+        if not n_intervals or not pos:
+            return self.tpot_ms
+        n = int(n_intervals)
+        k = min(n, len(pos))
+        return (sum(pos[:k]) + (n - k) * self.tpot_ms) / n
+
     def to_json(self) -> dict[str, object]:
         return {"level": self.level, "ratio": self.ratio, "ttft": self.ttft.to_json(), "tpot_ms": self.tpot_ms,
-                "tpot_samples": self.tpot_samples}
+                "tpot_samples": self.tpot_samples, "tpot_by_position": self.tpot_by_position}
 
     @classmethod
     def from_json(cls, d: Mapping[str, object]) -> "LevelProfile":
@@ -224,7 +237,8 @@ class LevelProfile:
         if not (math.isfinite(tpot) and tpot > 0):
             raise ProfileError(f"level {d.get('level')}: bad tpot_ms {tpot}")
         return cls(level=int(d["level"]), ratio=float(d["ratio"]), ttft=Curve.from_json(d["ttft"]),  # type: ignore[arg-type]
-                   tpot_ms=tpot, tpot_samples=[float(x) for x in d.get("tpot_samples", [])])  # type: ignore[union-attr]
+                   tpot_ms=tpot, tpot_samples=[float(x) for x in d.get("tpot_samples", [])],  # type: ignore[union-attr]
+                   tpot_by_position=[float(x) for x in d.get("tpot_by_position", [])])  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,8 +290,10 @@ class LatencyProfile:
         """Predicted prefill + first-token time of ``level`` for a prompt of ``n_tokens`` tokens."""
         return self._level(level).ttft_ms(n_tokens)
 
-    def tpot_ms(self, level: int) -> float:
-        return self._level(level).tpot_ms
+    def tpot_ms(self, level: int, n_intervals: int | None = None) -> float:
+        """Predicted time per output token of ``level``: steady state, or the mean over the first ``n_intervals``
+        intervals of a generation (``max_tokens - 1`` for a request)."""
+        return self._level(level).tpot_over(n_intervals)
 
     def scorer_ms(self, scorer: str | None, n_tokens: float) -> float:
         """Predicted time of prompt scorer ``scorer`` over ``n_tokens`` target tokens (0 for None / no tokens)."""
@@ -455,8 +471,11 @@ class SLO:
     def is_relative(self) -> bool:
         return self.kind == "relative"
 
-    def resolve(self, profile: LatencyProfile | None, n_tokens: float) -> tuple[float, float]:
-        """The SLO in milliseconds for a prompt of ``n_tokens`` (uncompressed) tokens; ``inf`` = unconstrained."""
+    def resolve(self, profile: LatencyProfile | None, n_tokens: float,
+                n_intervals: int | None = None) -> tuple[float, float]:
+        """The SLO in milliseconds for a prompt of ``n_tokens`` (uncompressed) tokens and a generation of
+        ``n_intervals + 1`` tokens (relative TPOT: of the dense model's over as many tokens); ``inf`` =
+        unconstrained."""
         ttft = math.inf if self.ttft_ms is None else self.ttft_ms
         tpot = math.inf if self.tpot_ms is None else self.tpot_ms
         if self.is_relative:
@@ -464,7 +483,7 @@ class SLO:
                 raise SLOError("a relative SLO needs a latency profile (run elms-profile MODEL.gguf)")
             d = profile.dense
             ttft = ttft * d.ttft_ms(n_tokens)
-            tpot = tpot * d.tpot_ms
+            tpot = tpot * d.tpot_over(n_intervals)
         return ttft, tpot
 
     def __str__(self) -> str:
@@ -626,9 +645,11 @@ def measure(
     lvl_profiles = {}
     for lv in sel:
         curve = Curve.fit([(n, statistics.median(ttft[(lv, n)])) for n in lengths])
+        by_pos = [statistics.median(tpot[lv][i::n_decode]) for i in range(n_decode)]  # runs x n_decode, in order
         lvl_profiles[lv] = LevelProfile(level=lv, ratio=float(all_levels[lv]), ttft=curve,
                                         tpot_ms=float(statistics.median(tpot[lv])),
-                                        tpot_samples=[round(x, 4) for x in tpot[lv]])
+                                        tpot_samples=[round(x, 4) for x in tpot[lv]],
+                                        tpot_by_position=[round(x, 4) for x in by_pos])
     scorer_curves = {name: Curve.fit([(n, statistics.median(sc[(name, n)])) for n in lengths])
                      for name in (scorers or {})}
     import importlib.metadata as md

@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 __all__ = ["ElasticLlama", "SLO", "demo_slo"]
 
 
+def _n_intervals(max_tokens: object) -> int | None:
+    """Token intervals a request's TPOT is measured over (``max_tokens - 1``); None when unbounded or < 2 tokens."""
+    return int(max_tokens) - 1 if isinstance(max_tokens, int) and max_tokens > 1 else None  # type: ignore[operator]
+
+
 def _n_threads_kwargs(kwargs: Mapping[str, Any]) -> None:
     if "n_threads" in kwargs and "n_threads_batch" not in kwargs:
         # llama-cpp-python prefills with all CPUs unless told otherwise; a profile's thread counts must hold
@@ -202,7 +207,8 @@ class ElasticLlama(_RuntimeElasticLlama):
         return lambda n: self.profile.scorer_ms(name, n)  # type: ignore[union-attr]
 
     def plan(self, slo: object, *, n_fixed: int, n_compressible: int, contexts: Sequence[str] = (),
-             best_effort: bool | None = None, min_prompt_ratio: float | None = None) -> O.Decision:
+             best_effort: bool | None = None, min_prompt_ratio: float | None = None,
+             n_decode: int | None = None) -> O.Decision:
         """The (level, prompt ratio) decision for a request of these token counts (see :func:`orchestrate.decide`)."""
         if self.profile is None:
             raise ProfileError(f"no latency profile for {self.model_path}: run `elms-profile {self.model_path} "
@@ -222,12 +228,12 @@ class ElasticLlama(_RuntimeElasticLlama):
                     pooled=pooled, levels=levels, scorer_ms=self._scorer_ms(contexts),
                     min_prompt_ratio=self.min_prompt_ratio if min_prompt_ratio is None else min_prompt_ratio,
                     best_effort=self.best_effort if best_effort is None else best_effort, headroom=self.headroom,
-                    overhead_ms=overhead)
+                    overhead_ms=overhead, n_decode=n_decode)
         return O.decide(self.profile, slo, n_fixed=n_fixed, n_compressible=n_compressible,
                         scorer_ms=self._scorer_ms(contexts) if n_compressible else None,
                         min_prompt_ratio=self.min_prompt_ratio if min_prompt_ratio is None else min_prompt_ratio,
                         levels=levels, best_effort=self.best_effort if best_effort is None else best_effort,
-                        headroom=self.headroom)
+                        headroom=self.headroom, n_decode=n_decode)
 
     def _compress(self, text: str, rho: float) -> tuple[str, float, bool]:
         """(compressed text, scorer ms, cache hit) keeping ``rho`` of ``text``'s tokens."""
@@ -309,7 +315,7 @@ class ElasticLlama(_RuntimeElasticLlama):
             d = decision
         else:
             d = self.plan(slo, n_fixed=max(0, n_full - n_c), n_compressible=n_c, contexts=[ctx],
-                          best_effort=best_effort)
+                          best_effort=best_effort, n_decode=_n_intervals(kwargs.get("max_tokens", 16)))
         ctx2, sc_ms, hit = self._compress(ctx, d.prompt_ratio) if d.compress else (ctx, 0.0, False)
         text = join(ctx2, prompt)
         self._prepare(d)
@@ -367,7 +373,8 @@ class ElasticLlama(_RuntimeElasticLlama):
         else:  # no template in the file: contents + a few tokens per message
             n_full = sum(self.count_tokens(str(m.get("content") or "")) + 4 for m in msgs) + 3
         d = self.plan(slo, n_fixed=max(0, n_full - n_c), n_compressible=n_c,
-                      contexts=[msgs[i]["content"] for i in comp], best_effort=best_effort)
+                      contexts=[msgs[i]["content"] for i in comp], best_effort=best_effort,
+                      n_decode=_n_intervals(kwargs.get("max_tokens")))
         sc_ms, hit, n_after = 0.0, bool(comp), 0
         for i in comp:
             if d.compress:

@@ -244,9 +244,9 @@ def _synthetic_costs(grid: A.WidthGrid, seed: int = 0) -> list[A.LayerCost | Non
     return costs
 
 
-@pytest.mark.parametrize("blocks", [(32, 32), (1, 1), (32, 256)])
-def test_searched_allocation_rules(blocks):
-    grid = A.WidthGrid(SMOL, attn_block=blocks[0], ffn_block=blocks[1])
+@pytest.mark.parametrize("blocks,min_ffn", [((32, 32), 0), ((1, 1), 0), ((32, 256), 0), ((32, 32), 256)])
+def test_searched_allocation_rules(blocks, min_ffn):
+    grid = A.WidthGrid(SMOL, attn_block=blocks[0], ffn_block=blocks[1], min_ffn=min_ffn)
     calls = []
 
     def evaluate(widths):  # a stand-in for the measured loss: prefers keeping attention
@@ -267,8 +267,13 @@ def test_searched_allocation_rules(blocks):
         for il in range(30):
             kv, ff = lv.head_count_kv[il], lv.feed_forward_length[il]
             assert ok(il, kv, ff)
+            assert ff == 0 or ff >= min_ffn
             if il in ANCHORS:
                 assert (kv, ff) == (3, 1536)
+    if min_ffn:  # the limit binds: without it this search keeps narrower blocks
+        free = A.searched(SMOL, RATIOS, _synthetic_costs(A.WidthGrid(SMOL, 32, 32)), A.WidthGrid(SMOL, 32, 32),
+                          allowed=ok, evaluate=evaluate, trace=A.SearchTrace())
+        assert any(0 < ff < min_ffn for lv in free for ff in lv.feed_forward_length)
 
 
 def test_uniform_matches_elms_rule():

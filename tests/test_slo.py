@@ -255,3 +255,23 @@ def test_decide_headroom_plans_below_the_slo():
     assert d0.predicted_ttft_ms > 0.8 * d0.slo_ttft_ms  # without headroom the budget is used beyond 80 %
     with pytest.raises(ValueError, match="headroom"):
         decide(p, slo, n_fixed=1, headroom=1.0)
+
+
+def test_tpot_of_a_short_generation_uses_the_per_position_profile():
+    """The first tokens after a prefill are slower: a request's TPOT is the mean over its own intervals."""
+    p = synthetic_profile()
+    for lp in p.levels.values():
+        lp.tpot_by_position = [2.0 * lp.tpot_ms, 1.5 * lp.tpot_ms, lp.tpot_ms]
+    dense = p.levels[-1]
+    assert p.tpot_ms(-1) == dense.tpot_ms
+    assert p.tpot_ms(-1, 2) == pytest.approx(1.75 * dense.tpot_ms)
+    assert p.tpot_ms(-1, 5) == pytest.approx((2.0 + 1.5 + 1 + 1 + 1) / 5 * dense.tpot_ms)
+    # a relative SLO is relative to the dense model over as many tokens
+    assert SLO.relative(1.0, 0.5).resolve(p, 100, 2)[1] == pytest.approx(0.5 * 1.75 * dense.tpot_ms)
+    # an absolute TPOT SLO the small level meets in steady state but not over a 2-token generation
+    slo = SLO(ttft_ms=None, tpot_ms=0.3 * 20.0 * 1.2)  # synthetic TPOT_l = 20 ms x ratio; level 0 = 6 ms
+    assert decide(p, slo, n_fixed=10, levels=[0, 1, -1]).level == 0
+    d = decide(p, slo, n_fixed=10, levels=[0, 1, -1], n_decode=2, best_effort=True)
+    assert not d.feasible and d.predicted_tpot_ms == pytest.approx(1.75 * 6.0)
+    back = LatencyProfile.from_json(json.loads(json.dumps(p.to_json())))
+    assert back.levels[0].tpot_by_position == p.levels[0].tpot_by_position
