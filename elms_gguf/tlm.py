@@ -14,6 +14,7 @@ key                                type        meaning
 ``elms.tlm.labels``                string      what the head was trained to predict (informational)
 ``elms.tlm.target_model_id``       string      the target model whose self-information made the labels
 ``elms.tlm.target_checksum``       string      its :func:`elms_gguf.profile.model_fingerprint` checksum
+``elms.tlm.decision.*``            (several)   optional: the decision head (:mod:`elms_gguf.decision`)
 =================================  ==========  =========================================================
 
 :class:`TLMScorer` runs the encoder with ``llama_cpp.Llama(path, embedding=True, pooling_type=NONE)`` on windows
