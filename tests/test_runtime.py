@@ -19,7 +19,7 @@ from elms_gguf import contract, lora, model, truncate
 from elms_gguf.contract import ElasticSpec, Level
 from gguf import GGMLQuantizationType as QT
 
-from runtime_helpers import (GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q8_0, PROMPT, binary, logits_of, open_llm,
+from runtime_helpers import (GGML_TYPE_F16, GGML_TYPE_F32, GGML_TYPE_Q8_0, binary, logits_of, open_llm,
                              quantize, require_runtime, run_logits)
 
 pytestmark = pytest.mark.usefixtures("runtime")
