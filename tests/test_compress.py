@@ -1,7 +1,6 @@
 """Word-level prompt compression (elms_gguf.compress) and the TLM scorer (elms_gguf.tlm, elms_gguf.tlm_train)."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
