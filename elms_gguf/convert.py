@@ -536,12 +536,17 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
     types = tensor_types_for(mconfig, weights, main_type, source, cfg.outtype.lower())
     grid = width_grid(mconfig, types, kquant, min_ffn=cfg.min_ffn_width)
     allowed = _allowed(dims, cfg.static_exportable)
-    # every layer of a llama / qwen2 model has the same shapes, so whether the levels are reachable depends only on
-    # how many layers stay full width: refuse now rather than after minutes of gradients and probes
-    n_early = len(set(cfg.anchor_layers)) if cfg.anchor_layers is not None else \
-        default_anchor_count(dims.n_layer) if cfg.anchors is None else int(cfg.anchors)
-    if 0 <= n_early <= dims.n_layer:
-        _check_reachable(dims, levels, list(range(n_early)), mconfig.qkv_bias, allowed, grid)
+    # every layer of a llama / qwen2 model has the same shapes, so whether the levels are reachable depends on how
+    # many layers stay full width and, for the static-export rules, on whether the first and last layer are among
+    # them: refuse now, on the most favourable anchors, rather than after minutes of gradients and probes
+    if cfg.anchor_layers is not None:
+        early = sorted({int(a) for a in cfg.anchor_layers if 0 <= int(a) < dims.n_layer})
+    else:
+        n_early = default_anchor_count(dims.n_layer) if cfg.anchors is None else int(cfg.anchors)
+        best_first = list(dict.fromkeys([0, dims.n_layer - 1, *range(1, dims.n_layer - 1)]))
+        early = best_first[:n_early] if 0 <= n_early <= dims.n_layer else None
+    if early is not None:
+        _check_reachable(dims, levels, early, mconfig.qkv_bias, allowed, grid)
     t0 = lap("load", t0)
 
     # ---- calibration data

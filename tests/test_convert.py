@@ -437,6 +437,25 @@ def test_rejects_unreachable_levels(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
 
 
+def test_early_reachability_check_assumes_the_most_favourable_anchors(tmp_path, monkeypatch):
+    """2 anchors of 4 layers reach 0.5 only if they are the first and last layer (the static-export rules keep
+    layer 0's attention and the last layer's FFN): the early check must not refuse that before measuring."""
+    src = tmp_path / "m.gguf"
+    M.make_tiny_gguf(src)
+
+    class Reached(Exception):
+        pass
+
+    def reached(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(CV, "unit_scores", reached)
+    with pytest.raises(Reached):
+        CV.convert(str(src), str(tmp_path / "out.gguf"), config=_tiny_cfg(levels=(0.5, 1.0), anchors=2))
+    with pytest.raises(CV.ConvertError, match="below the smallest reachable ratio"):  # explicit anchors: exact
+        CV.convert(str(src), str(tmp_path / "out.gguf"), config=_tiny_cfg(levels=(0.5, 1.0), anchor_layers=[1, 2]))
+
+
 def test_kquant_needs_llama_quantize(tmp_path):
     src = tmp_path / "m.gguf"
     M.make_tiny_gguf(src)
