@@ -191,36 +191,16 @@ def write_head(src: str | os.PathLike[str], dst: str | os.PathLike[str], head: D
     import gguf
 
     from .model import atomic_output
+    from .tlm import copy_with_keys
 
     VT = gguf.GGUFValueType
     src, dst = os.fspath(src), os.fspath(dst)
-    r = gguf.GGUFReader(src)
-    if "elms.tlm.score_head.weight" not in r.fields:
+    if "elms.tlm.score_head.weight" not in gguf.GGUFReader(src).fields:
         raise DecisionHeadError(f"{src}: not an elms TLM (no elms.tlm.score_head.weight)")
-    arch = str(r.fields["general.architecture"].contents())
+    types = {"u32": (VT.UINT32, None), "str": (VT.STRING, None), "f32[]": (VT.ARRAY, VT.FLOAT32)}
+    extra = [(key, value, *types[kind]) for key, (value, kind) in head.kv().items()]
     with atomic_output(dst) as tmp:
-        w = gguf.GGUFWriter(tmp, arch=arch)
-        for name, f in r.fields.items():
-            if name.startswith("GGUF.") or name == "general.architecture" or name.startswith(PREFIX):
-                continue
-            main = f.types[0]
-            val = f.contents()
-            if main == VT.ARRAY and len(val) == 0:
-                continue
-            w.add_key_value(name, val, main, sub_type=f.types[-1] if main == VT.ARRAY else None)
-        for key, (value, kind) in head.kv().items():
-            if kind == "u32":
-                w.add_key_value(key, value, VT.UINT32)
-            elif kind == "str":
-                w.add_key_value(key, value, VT.STRING)
-            else:
-                w.add_key_value(key, value, VT.ARRAY, sub_type=VT.FLOAT32)
-        for t in r.tensors:
-            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        copy_with_keys(src, tmp, extra, drop_prefix=PREFIX)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -82,6 +82,33 @@ def read_head(path: str | os.PathLike[str]) -> dict[str, object]:
             "n_embd": d}
 
 
+def copy_with_keys(src: str | os.PathLike[str], dst: str | os.PathLike[str], extra: Sequence[tuple], *,
+                   drop_prefix: str | None = None) -> None:
+    """Copy the GGUF ``src`` to ``dst``: every key (but ``GGUF.*``, empty arrays and, if given, keys under
+    ``drop_prefix``) and every tensor byte for byte, then the ``extra`` keys ``(key, value, type, sub_type)``.
+    Writes ``dst`` directly: callers that need atomicity pass a temporary path."""
+    import gguf
+
+    VT = gguf.GGUFValueType
+    r = gguf.GGUFReader(os.fspath(src))
+    w = gguf.GGUFWriter(os.fspath(dst), arch=str(r.fields["general.architecture"].contents()))
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or (drop_prefix and name.startswith(drop_prefix)):
+            continue
+        main, val = f.types[0], f.contents()
+        if main == VT.ARRAY and len(val) == 0:
+            continue
+        w.add_key_value(name, val, main, sub_type=f.types[-1] if main == VT.ARRAY else None)
+    for key, value, main, sub in extra:
+        w.add_key_value(key, value, main, sub_type=sub)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def pool_words(token_logits: np.ndarray, owner: Sequence[int], n_words: int, how: str = "mean") -> np.ndarray:
     """Word scores from token logits (``owner[i]`` = word of token i); words without tokens get the mean."""
     owner = np.asarray(owner, dtype=np.int64)
@@ -214,5 +241,5 @@ class TLMScorer:
         self.llm.close()
 
 
-__all__ = ["TLMScorer", "TLMError", "read_head", "pool_words", "windows", "TLM_VERSION", "KEY_VERSION",
+__all__ = ["TLMScorer", "TLMError", "read_head", "copy_with_keys", "pool_words", "windows", "TLM_VERSION", "KEY_VERSION",
            "KEY_HEAD_W", "KEY_HEAD_B", "KEY_POOLING", "KEY_LABELS", "KEY_TARGET_ID", "KEY_TARGET_CHECKSUM"]

@@ -380,34 +380,15 @@ def add_head(src: str, dst: str, model: Encoder, *, labels: str, target_id: str 
     import gguf
 
     VT = gguf.GGUFValueType
-    r = gguf.GGUFReader(src)
-    arch = str(r.fields["general.architecture"].contents())
-    w = gguf.GGUFWriter(dst, arch=arch)
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        main = f.types[0]
-        sub = f.types[-1] if main == VT.ARRAY else None
-        val = f.contents()
-        if main == VT.ARRAY and len(val) == 0:
-            continue
-        w.add_key_value(name, val, main, sub_type=sub)
-    head_w = model.head.weight.detach().float().reshape(-1).tolist()
-    w.add_key_value(T.KEY_VERSION, T.TLM_VERSION, VT.UINT32)
-    w.add_key_value(T.KEY_HEAD_W, head_w, VT.ARRAY, sub_type=VT.FLOAT32)
-    w.add_key_value(T.KEY_HEAD_B, float(model.head.bias.detach()[0]), VT.FLOAT32)
-    w.add_key_value(T.KEY_POOLING, "mean", VT.STRING)
-    w.add_key_value(T.KEY_LABELS, labels, VT.STRING)
+    extra = [(T.KEY_VERSION, T.TLM_VERSION, VT.UINT32, None),
+             (T.KEY_HEAD_W, model.head.weight.detach().float().reshape(-1).tolist(), VT.ARRAY, VT.FLOAT32),
+             (T.KEY_HEAD_B, float(model.head.bias.detach()[0]), VT.FLOAT32, None),
+             (T.KEY_POOLING, "mean", VT.STRING, None), (T.KEY_LABELS, labels, VT.STRING, None)]
     if target_id:
-        w.add_key_value(T.KEY_TARGET_ID, target_id, VT.STRING)
+        extra.append((T.KEY_TARGET_ID, target_id, VT.STRING, None))
     if target_checksum:
-        w.add_key_value(T.KEY_TARGET_CHECKSUM, target_checksum, VT.STRING)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        extra.append((T.KEY_TARGET_CHECKSUM, target_checksum, VT.STRING, None))
+    T.copy_with_keys(src, dst, extra)
 
 
 def export(model: Encoder, out: str, *, labels: str, target_id: str = "", target_checksum: str = "",
