@@ -30,6 +30,8 @@ from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from docblock import write_block  # noqa: E402
 
 from elms_gguf import evaluate as E  # noqa: E402
 from elms_gguf.convert import default_model_path  # noqa: E402
@@ -158,14 +160,7 @@ def report(args: argparse.Namespace, work: Path, timings: dict[str, Any]) -> str
 
 
 def write_doc(doc: Path, section: str) -> None:
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    text = doc.read_text() if doc.exists() else "# elms-convert: cost and unit order\n"
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(text)
+    write_block(doc, BEGIN, END, section, title='# elms-convert: cost and unit order')
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from docblock import write_block  # noqa: E402
 
 # llama.cpp's CPU backend runs on OpenMP: on a shared machine spinning idle workers make the perplexity passes 2x
 # slower. Sleep instead for the quality/memory parts; llama-bench gets the caller's environment unchanged.
@@ -339,15 +341,7 @@ BEGIN, END = "<!-- lora-recovery:begin (bench/bench_lora.py) -->", "<!-- lora-re
 
 
 def write_doc(doc: Path, section: str) -> None:
-    """Replace the marked 'LoRA recovery' block of ``doc`` (append it if absent; create the file if needed)."""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    text = doc.read_text() if doc.exists() else "# Quality\n\n"
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + block.rstrip("\n") + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    doc.write_text(text)
+    write_block(doc, BEGIN, END, section, title='# Quality')
 
 
 def _num(x: float) -> str:

@@ -42,6 +42,8 @@ from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from docblock import write_block  # noqa: E402
 
 from elms_gguf import contract, evaluate as E  # noqa: E402
 from elms_gguf.convert import default_model_path  # noqa: E402
@@ -413,18 +415,7 @@ BEGIN, END = "<!-- quality-baselines:begin (bench/bench_quality.py) -->", "<!-- 
 
 
 def write_doc(doc: Path, section: str) -> None:
-    """Replace this bench's marked block of ``doc`` (other blocks, e.g. bench_lora's, are kept); if absent, insert
-    it right after the title; create the file if needed."""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    text = doc.read_text() if doc.exists() else "# Quality\n"
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + block + text[b:]
-    else:
-        head, sep, rest = text.partition("\n")
-        text = head + "\n\n" + block + "\n" + (("\n" + rest.lstrip("\n")) if rest.strip() else "")
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text.rstrip("\n") + "\n")
+    write_block(doc, BEGIN, END, section, title='# Quality', after_title=True)
 
 
 def _chance(data: dict[str, Any], task: str) -> float:

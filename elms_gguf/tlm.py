@@ -232,10 +232,6 @@ class TLMScorer:
         self.last_pooled = pooled_sum / max(1, pooled_n)
         return out
 
-    def pool(self, words: Sequence[tuple[str, str]]) -> np.ndarray:
-        """Mean last hidden state over the tokens of ``words`` (one encoder pass, as :meth:`score`)."""
-        self.score(words)
-        return self.last_pooled
 
     def close(self) -> None:
         self.llm.close()
