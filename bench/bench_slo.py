@@ -18,7 +18,11 @@ Modes, every request of every app:
 * ``ours_rule``   -- ELMS with the profile rule only (no decision head), to isolate what the head adds;
 * ``model_only``  -- elastic model only: the largest level meeting the SLO with the whole prompt (best effort);
 * ``prompt_only`` -- prompt compression only (TLM) on the dense model, the largest ratio meeting the SLO;
-* ``ours_h10``    -- ELMS planning against 90 % of the SLO (``headroom=0.1``: a margin for latency noise);
+  (the baselines plan with the same calibrated margins as ``ours``: every policy tries to meet the SLO)
+* ``ours_median`` -- ELMS planning on the profile's medians (``slo_quantile=None``: no calibration), to isolate
+  what planning for the 0.95 quantile (:class:`elms_gguf.profile.LatencyCalibration`, the default) buys;
+* ``ours_q99``    -- ELMS planning for the 0.99 quantile (the same observations as ``ours``);
+* ``ours_h10``    -- ELMS planning on medians against 90 % of the SLO (``headroom=0.1``: a fixed margin);
 * ``ours_selfinfo`` -- ELMS with the TLM-free scorer (the model's own self-information at its smallest level);
 * ``layerdrop``   -- the trivial alternative: a layer-drop model (``elms-convert --allocation layerdrop``, whole
   layers removed in the converter's layer-skip order, levels 0.5..1.0) given by ``--layerdrop``, its largest level
@@ -56,7 +60,8 @@ log = logging.getLogger("bench_slo")
 
 APPS = [("openbookqa", (1.0, 1.0)), ("arc_easy", (0.8, 0.9)), ("hellaswag", (0.6, 0.8)), ("boolq", (0.4, 0.7)),
         ("piqa", (0.2, 0.6)), ("sciq", (0.2, 0.5))]
-MODES = ("dense", "ours", "ours_rule", "ours_h10", "model_only", "prompt_only", "ours_selfinfo", "layerdrop")
+MODES = ("dense", "ours", "ours_rule", "ours_q99", "ours_median", "ours_h10", "model_only", "prompt_only",
+         "ours_selfinfo", "layerdrop")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,10 +133,11 @@ def baseline_decision(llm, mode: str, slo: SLO, n_fixed: int, n_c: int, ctx: str
                          slo, prof, n_fixed + n_c, n_decode)
     if mode in ("model_only", "layerdrop"):
         return O.decide(prof, slo, n_fixed=n_fixed, n_compressible=n_c, levels=levels, best_effort=True,
-                        n_decode=n_decode)
+                        n_decode=n_decode, margin=llm._margin())
     if mode == "prompt_only":
         return O.decide(prof, slo, n_fixed=n_fixed, n_compressible=n_c, levels=[-1], best_effort=True,
-                        scorer_ms=llm._scorer_ms([ctx]), min_prompt_ratio=llm.min_prompt_ratio, n_decode=n_decode)
+                        scorer_ms=llm._scorer_ms([ctx]), min_prompt_ratio=llm.min_prompt_ratio, n_decode=n_decode,
+                        margin=llm._margin())
     return None  # ours: the serving path decides
 
 
@@ -210,13 +216,23 @@ def main(argv=None) -> int:
             for mode in modes:  # interleaved: every mode sees the same background load
                 llm = llms["selfinfo" if mode == "ours_selfinfo" else "layerdrop" if mode == "layerdrop" else "tlm"]
                 llm.headroom = 0.1 if mode == "ours_h10" else 0.0
-                head = llm.decision_head
+                head, cal = llm.decision_head, llm.calibration
                 if mode == "ours_rule":
                     llm.decision_head = None
+                if mode in ("ours_median", "ours_h10"):
+                    llm.calibration = None  # plan on medians
+                q = cal.quantile if cal is not None else None
+                if mode == "ours_q99" and cal is not None:
+                    cal.quantile = 0.99
                 try:
                     r = run_request(llm, "ours" if mode.startswith("ours") else mode, app, item, slo, args.decode)
                 finally:
-                    llm.decision_head = head
+                    llm.decision_head, llm.calibration = head, cal
+                    if cal is not None:
+                        cal.quantile = q
+                if mode in ("ours_median", "ours_h10") and cal is not None:
+                    cal.observe(**{k: r[k] for k in ("predicted_ttft_ms", "measured_ttft_ms", "predicted_tpot_ms",
+                                                     "measured_tpot_ms")})
                 results[mode].setdefault(app_name, []).append(r)
         log.info("%s %s done (%.0f s): %s", app_name, (tt, tp), time.time() - t_start, "  ".join(
             f"{m} acc {np.mean([r['correct'] for r in results[m][app_name]]):.2f} "
@@ -247,6 +263,10 @@ def summarize(results, apps, alphas):
                        "mean_prompt_ratio": float(np.mean([r["prompt_ratio"] for r in rs])),
                        "ttft_over_slo": float(np.median([r["measured_ttft_ms"] / r["slo_ttft_ms"] for r in rs])),
                        "ttft_pred_err": float(np.median([r["measured_ttft_ms"] / r["predicted_ttft_ms"] for r in rs])),
+                       "ttft_pred_err_p95": float(np.quantile([r["measured_ttft_ms"] / r["predicted_ttft_ms"] for r in rs], 0.95)),
+                       "tpot_pred_err_p95": float(np.quantile([r["measured_tpot_ms"] / r["predicted_tpot_ms"] for r in rs
+                                                               if r["measured_tpot_ms"]] or [float("nan")], 0.95)),
+                       "margins": [float(np.mean([r.get("margins", [1, 1])[i] for r in rs])) for i in (0, 1)],
                        "tlm_ms": float(np.mean([r["tlm_ms"] for r in rs]))}
         trace = {}
         for al in alphas:

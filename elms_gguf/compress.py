@@ -214,6 +214,31 @@ class PromptCompressor:
                 self._cache[key].costs = costs
         return costs
 
+    def _fit(self, words: Sequence[Word], scores: np.ndarray, costs: Sequence[int], keep: np.ndarray, budget: int,
+             force: Sequence[bool] | None) -> str:
+        """Render ``keep`` (updated in place) within ``budget`` tokens of the *rendered* text.
+
+        Word costs are counted with each word's own leading whitespace, but a kept word after a dropped run takes
+        that run's widest whitespace (a line break, say) and merges differently with its neighbours, so the
+        rendered text can tokenize longer than the sum: drop the lowest-scoring unforced words until it fits.
+        """
+        text = render(words, keep)
+        n = self.count(text)
+        order = [int(i) for i in np.argsort(np.nan_to_num(scores, nan=-np.inf), kind="stable")]  # lowest first
+        while n > budget:
+            over, dropped = n - budget, 0
+            for i in order:
+                if keep[i] and not (force is not None and force[i]):
+                    keep[i] = False
+                    dropped += int(costs[i])
+                    if dropped >= over:
+                        break
+            if dropped == 0:
+                break  # only forced words left
+            text = render(words, keep)
+            n = self.count(text)
+        return text
+
     # -- compression -----------------------------------------------------------------------------------
 
     def compress_prompt(
@@ -273,7 +298,7 @@ class PromptCompressor:
             forced = tuple(force_tokens)
             force = [any(t in w for t in forced) for _, w in words] if forced else None
             keep = select(scores, costs, budget, force=force)
-            compressed_ctx = render(words, keep)
+            compressed_ctx = self._fit(words, scores, costs, keep, budget, force)
             kept = int(keep.sum())
         parts_in = [p for p in (instruction, context, question) if p]
         parts_out = [p for p in (instruction, compressed_ctx, question) if p]

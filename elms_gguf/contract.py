@@ -172,6 +172,16 @@ def column_widths(dims: ModelDims, head_count_kv: int, ffn: int) -> dict[str, in
     return {"attn_output": head_count_kv * dims.group * dims.head_dim, "ffn_down": ffn}
 
 
+def active_shape(dims: ModelDims, kind: str, head_count_kv: int, ffn: int) -> tuple[int | None, int | None]:
+    """(rows, cols) of a layer weight of this kind (``attn_q`` ... ``ffn_down``) that a level with these widths reads:
+    an output (row) prefix of q/k/v/gate/up, an input (column) prefix of attn_output/ffn_down; None = all."""
+    hq, d = head_count_kv * dims.group, dims.head_dim
+    rows = {"attn_q": hq * d, "attn_k": head_count_kv * d, "attn_v": head_count_kv * d,
+            "ffn_gate": ffn, "ffn_up": ffn}.get(kind)
+    cols = column_widths(dims, head_count_kv, ffn).get(kind)
+    return rows, cols
+
+
 def validate_levels(
     spec: ElasticSpec,
     dims: ModelDims,
@@ -375,7 +385,7 @@ __all__ = [
     "KEY_VERSION", "KEY_RATIOS", "KEY_ACHIEVED", "KEY_ANCHORS", "KEY_MODEL_ID", "KEY_IMPORTANCE", "KEY_ALLOCATION",
     "KEY_ADAPTER_MODEL_ID", "KEY_ADAPTER_LEVEL", "KEY_ADAPTER_RATIO",
     "key_head_count_kv", "key_feed_forward_length", "key_lora", "key_lora_crc32",
-    "check_ratio", "block_size", "column_widths", "validate_levels", "round_down", "dims_from_fields",
+    "check_ratio", "block_size", "column_widths", "active_shape", "validate_levels", "round_down", "dims_from_fields",
     "reader_fields", "read_spec", "spec_kv", "write_spec", "is_elastic_key", "crc32_file", "uniform_level",
     "layer_params", "level_ratio",
 ]

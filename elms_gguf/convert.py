@@ -91,7 +91,7 @@ class ConvertConfig:
     importance: str = "taylor"  # taylor | magnitude | random
     allocation: str = "searched"  # searched | uniform | layerdrop
     static_exportable: bool = True  # keep every level loadable by stock llama.cpp as a truncated GGUF (see allocate)
-    min_ffn_width: int = 0  # smallest non-zero FFN width a level may keep (0: any block-aligned width)
+    min_ffn_width: int | None = None  # smallest non-zero FFN width (None: auto_min_ffn_width; 0: any aligned width)
     fit_samples: int = 4  # blocks per type probed at mid width to fit the cost-curve exponent (0 = exponent 1)
     compare: bool = True  # also measure the other allocations at every level
     export_static: Sequence[float] = ()  # ratios to export as standalone truncated GGUFs next to the output
@@ -339,7 +339,34 @@ def predicted_kquant_block(n_cols: int) -> int:
     return QK_K if n_cols % QK_K == 0 else 32
 
 
-def width_grid(config: M.ModelConfig, types: Mapping[str, int], kquant: str | None, *, min_ffn: int = 0) -> A.WidthGrid:
+# A level reads a prefix of every ffn_down row; below this many bytes per row the GEMV at decode fetches mostly cache
+# lines it does not use and runs slower than a physically truncated model (docs/benchmarks.md: SmolLM2 Q4_1 level
+# 0.3 decoded at 0.91-0.92x with 64-128-neuron blocks, at 0.97-1.10x once blocks were >= 256 neurons = 160 bytes).
+MIN_FFN_ROW_BYTES = 160
+KQUANT_BYTES_PER_WEIGHT = 0.5625  # Q4_K, the narrowest type of a K-quant mix's ffn_down (4.5 bits)
+
+
+def auto_min_ffn_width(dims: ModelDims, types: Mapping[str, int], kquant: str | None, ffn_step: int) -> int:
+    """The smallest FFN width whose ffn_down row prefix spans :data:`MIN_FFN_ROW_BYTES`, rounded up to the search
+    step, but at most a quarter of the FFN (small FFNs have short rows even when truncated: nothing to gain)."""
+    import gguf
+
+    if kquant is not None:
+        bpw = KQUANT_BYTES_PER_WEIGHT
+    else:
+        def bytes_per_weight(t: int) -> float:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)]
+            return size / block
+
+        bpw = min(bytes_per_weight(types[f"blk.{il}.ffn_down.weight"]) for il in range(dims.n_layer))
+    width = math.ceil(MIN_FFN_ROW_BYTES / bpw / ffn_step) * ffn_step
+    return min(width, dims.n_ff // 4 // ffn_step * ffn_step)
+
+
+def width_grid(config: M.ModelConfig, types: Mapping[str, int], kquant: str | None, *,
+               min_ffn: int | None = None) -> A.WidthGrid:
+    """The widths levels may use: whole blocks of the sliced tensors' types, FFN blocks 0 or >= ``min_ffn``
+    (None: :func:`auto_min_ffn_width`)."""
     dims = config.dims()
     if kquant is not None:
         ab = predicted_kquant_block(dims.n_head * dims.head_dim)
@@ -347,6 +374,10 @@ def width_grid(config: M.ModelConfig, types: Mapping[str, int], kquant: str | No
     else:
         ab = max(contract.block_size(types[f"blk.{il}.attn_output.weight"]) for il in range(dims.n_layer))
         fb = max(contract.block_size(types[f"blk.{il}.ffn_down.weight"]) for il in range(dims.n_layer))
+    if min_ffn is None:
+        min_ffn = auto_min_ffn_width(dims, types, kquant, A.WidthGrid(dims, attn_block=ab, ffn_block=fb).ffn_step)
+        log.info("FFN blocks are kept at 0 or >= %d neurons (ffn_down rows >= %d bytes; --min-ffn-width 0 to allow "
+                 "any aligned width)", min_ffn, MIN_FFN_ROW_BYTES)
     if not 0 <= min_ffn <= dims.n_ff:
         raise ConvertError(f"--min-ffn-width {min_ffn} outside [0, {dims.n_ff}]")
     grid = A.WidthGrid(dims, attn_block=ab, ffn_block=fb, min_ffn=min_ffn)
@@ -858,7 +889,8 @@ def make_tiny_elastic(path: str | os.PathLike[str], *, arch: str = "llama", seed
     path = os.fspath(path)
     src = os.path.splitext(path)[0] + ".src.gguf"
     config, weights = M.make_tiny_gguf(src, arch=arch, seed=seed, default_type=src_type, **dict(config_overrides or {}))
-    opts: dict[str, Any] = dict(levels=levels, outtype=outtype, progress=False, probe_samples=4,
+    # tiny FFNs: any aligned width (the decode-speed limit of auto_min_ffn_width would leave few widths to test)
+    opts: dict[str, Any] = dict(levels=levels, outtype=outtype, progress=False, probe_samples=4, min_ffn_width=0,
                                 calib_tokens=tiny_calib_tokens(config.n_vocab, 8, 32, seed),
                                 heldout_tokens=tiny_calib_tokens(config.n_vocab, 4, 32, seed + 1))
     opts.update(convert_options)
@@ -1041,9 +1073,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fit-samples", type=int, default=4, help="mid-width probes per block type to fit the cost curve "
                    "(0: linear in dropped energy; default: %(default)s)")
     g.add_argument("--no-compare", action="store_true", help="do not measure the other allocations")
-    g.add_argument("--min-ffn-width", type=int, default=0, metavar="N",
+    g.add_argument("--min-ffn-width", type=int, default=None, metavar="N",
                    help="keep each FFN block at 0 or at least N neurons (narrow ffn_down column prefixes read whole "
-                        "cache lines for a few bytes each and decode slower than a truncated model; default: no limit)")
+                        f"cache lines for a few bytes each and decode slower than a truncated model; default: the "
+                        f"width whose ffn_down rows span {MIN_FFN_ROW_BYTES} bytes, 256 for Q4_1; 0: no limit)")
     g.add_argument("--precise", action="store_true", help="float32 gradients and probes (default: bf16 autocast where "
                    "the CPU has AVX512-BF16/AMX; losses differ by ~0.002 nats)")
     g = p.add_argument_group("output")

@@ -372,9 +372,10 @@ def guarded_decision(head: DecisionHead, profile: LatencyProfile, slo: SLO | obj
                      n_compressible: int, pooled: np.ndarray, levels: Sequence[int],
                      scorer_ms: Callable[[int], float] | None, min_prompt_ratio: float = O.DEFAULT_MIN_PROMPT_RATIO,
                      best_effort: bool = False, headroom: float = 0.0, overhead_ms: float = 0.0,
-                     n_decode: int | None = None) -> O.Decision:
-    """The head's (level, prompt ratio) for this request when the profile predicts it meets the SLO; else the
-    largest ratio that fits at the head's level; else :func:`orchestrate.decide` (the guard)."""
+                     n_decode: int | None = None, margin: tuple[float, float] = (1.0, 1.0)) -> O.Decision:
+    """The head's (level, prompt ratio) for this request when the profile predicts it meets the SLO (with the
+    calibration ``margin``); else the largest ratio that fits at the head's level; else :func:`orchestrate.decide`
+    (the guard)."""
     slo = SLO.coerce(slo)
     n_full = n_fixed + n_compressible
     x = features(*slo_fractions(profile, slo, n_full), n_fixed, n_compressible, pooled)
@@ -382,7 +383,8 @@ def guarded_decision(head: DecisionHead, profile: LatencyProfile, slo: SLO | obj
     lv = min(levels, key=lambda k: (abs(profile.levels[k].ratio - want_level), -profile.levels[k].ratio))
     rho = max(want_ratio, min_prompt_ratio) if (n_compressible and scorer_ms is not None) else 1.0
     common = dict(n_fixed=n_fixed, n_compressible=n_compressible, scorer_ms=scorer_ms,
-                  min_prompt_ratio=min_prompt_ratio, headroom=headroom, overhead_ms=overhead_ms, n_decode=n_decode)
+                  min_prompt_ratio=min_prompt_ratio, headroom=headroom, overhead_ms=overhead_ms, n_decode=n_decode,
+                  margin=margin)
     d = O.decide(profile, slo, levels=[lv], prompt_ratios=[rho], best_effort=True, **common)
     if d.feasible:
         d.reason = f"decision head: level ratio {want_level:.2f}, prompt ratio {want_ratio:g} (feasible)"

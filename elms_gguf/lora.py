@@ -3,9 +3,11 @@
 An adapter of level i is a standard llama.cpp LoRA GGUF (``general.type = adapter``, ``adapter.type = lora``,
 ``adapter.lora.alpha``, tensors ``<weight>.lora_a`` {in, r} / ``<weight>.lora_b`` {r, out}) with two twists:
 
-* A and B are **zero-padded to the full tensor shapes**: llama.cpp checks adapter shapes against the full
-  weights, and the runtime slices A's columns / B's rows exactly like the weight view, so the padding is never
-  read (and would contribute nothing if it were);
+* A and B are stored **compact**: cut to the level's active widths (A: the columns of attn_output/ffn_down the
+  level reads, B: the rows of q/k/v/gate/up it computes), and blocks the level skips have no tensors. The runtime
+  loads level adapters with ``llama_adapter_lora_init_elastic``, which accepts such prefixes and checks they cover
+  the level's views. Written without a level, they are zero-padded to the full weight shapes instead (what stock
+  ``--lora`` accepts); the runtime slices A's columns / B's rows like the weight view, so padding is never read;
 * it carries ``elms.adapter.model_id`` / ``elms.adapter.level`` / ``elms.adapter.ratio`` so that the runtime
   refuses an adapter of another model or level (see :mod:`elms_gguf.contract`).
 
@@ -37,7 +39,8 @@ DEFAULT_ADAPTER_TYPE = "f16"
 
 @dataclass
 class Adapter:
-    """One level's LoRA: ``weights[name] = (A [r, in], B [out, r])`` at full shapes, scale = alpha / r."""
+    """One level's LoRA: ``weights[name] = (A [r, in], B [out, r])`` at full shapes (the parts a level does not
+    read are zero or ignored), scale = alpha / r."""
 
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     alpha: float
@@ -75,13 +78,36 @@ def zero_pad(adapter_weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     return out
 
 
+def compact(adapter_weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]], config: model.ModelConfig,
+            level: contract.Level) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Cut full-shape A/B to what ``level`` reads (:func:`elms_gguf.contract.active_shape`), dropping skipped blocks."""
+    dims = config.dims()
+    out = {}
+    for name, (a, b) in zero_pad(adapter_weights, config).items():
+        il, kind = int(name.split(".")[1]), name.split(".")[2]
+        kv, ff = int(level.head_count_kv[il]), int(level.feed_forward_length[il])
+        rows, cols = contract.active_shape(dims, kind, kv, ff)
+        if rows == 0 or cols == 0:
+            continue  # the level skips this block
+        out[name] = (a[:, :cols].contiguous(), b[:rows].contiguous())
+    return out
+
+
 def write_adapter(path: str | os.PathLike[str], config: model.ModelConfig, adapter: Adapter, *,
-                  dtype: str = DEFAULT_ADAPTER_TYPE) -> None:
-    """Write one level's adapter GGUF (A/B as ``dtype``, ``f16`` or ``f32``, full shapes), atomically."""
+                  dtype: str = DEFAULT_ADAPTER_TYPE, level: contract.Level | None = None) -> None:
+    """Write one level's adapter GGUF (A/B as ``dtype``, ``f16`` or ``f32``), atomically.
+
+    With ``level`` (the widths of the level it belongs to) the tensors are stored compact; without, zero-padded
+    to the full weight shapes. Both run identically at that level; compact takes a fraction of the memory.
+    """
     if dtype not in ADAPTER_TYPES:
         raise contract.ContractError(f"{os.fspath(path)}: adapter type {dtype!r} is not supported (use one of {', '.join(ADAPTER_TYPES)})")
     np_type = ADAPTER_TYPES[dtype]
-    weights = zero_pad(adapter.weights, config)
+    if level is not None and len(level.head_count_kv) != config.n_layer:
+        raise contract.ContractError(f"{os.fspath(path)}: level table has {len(level.head_count_kv)} layers, the model {config.n_layer}")
+    weights = zero_pad(adapter.weights, config) if level is None else compact(adapter.weights, config, level)
+    if not weights:
+        raise contract.ContractError(f"{os.fspath(path)}: the adapter has no tensor the level uses")
     with model.atomic_output(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch=config.arch)
         w.add_type(gguf.GGUFType.ADAPTER)
@@ -129,12 +155,15 @@ def random_adapter(config: model.ModelConfig, *, level: int, ratio: float, model
 
 
 def read_adapter(path: str | os.PathLike[str], *, model_id: str | None = None, level: int | None = None,
-                 crc32: int | None = None, config: model.ModelConfig | None = None) -> Adapter:
+                 crc32: int | None = None, config: model.ModelConfig | None = None,
+                 widths: contract.Level | None = None) -> Adapter:
     """Load a level adapter GGUF written by :func:`write_adapter`, refusing what the runtime would refuse.
 
     ``crc32`` (the model's ``elms.level.<i>.lora_crc32``), ``model_id`` (the model's ``elms.model_id``) and
-    ``level`` are checked when given; ``config`` checks every tensor's shape against the full weight shapes.
-    Messages name the file and the reason, like llama.cpp's.
+    ``level`` are checked when given. With ``config``, every tensor must fit its weight and is returned
+    zero-padded to the full shape (compact files included); with ``widths`` too (the level's table), every
+    tensor must cover the part of the weight that level reads. Messages name the file and the reason, like
+    llama.cpp's.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -168,13 +197,25 @@ def read_adapter(path: str | os.PathLike[str], *, model_id: str | None = None, l
         # F16 files stay F16 here: model.forward then rounds activations the way ggml-cpu does for F16 weights
         a, b = (model.dequantize_tensor(t, torch.float16 if t.tensor_type == gguf.GGMLQuantizationType.F16
                                         else torch.float32) for t in (tensors[name], tensors[base + ".lora_b"]))
-        if required is not None:
+        if required is not None and config is not None:
             if base not in required:
                 raise contract.ContractError(f"{path}: adapter tensor {base}: the model has no such weight")
             n_out, n_in = required[base]
-            if tuple(a.shape) != (a.shape[0], n_in) or tuple(b.shape) != (n_out, a.shape[0]):
+            if a.shape[1] > n_in or b.shape[0] > n_out or b.shape[1] != a.shape[0]:
                 raise contract.ContractError(f"{path}: adapter tensor {base}: A {tuple(a.shape)} / B {tuple(b.shape)} "
-                                             f"are not zero-padded to the weight's full shape ({n_out}, {n_in})")
+                                             f"do not fit the weight ({n_out}, {n_in})")
+            if widths is not None and base.startswith("blk."):
+                il, kind = int(base.split(".")[1]), base.split(".")[2]
+                rows, cols = contract.active_shape(config.dims(), kind, int(widths.head_count_kv[il]),
+                                                   int(widths.feed_forward_length[il]))
+                if rows != 0 and cols != 0 and (b.shape[0] < (n_out if rows is None else rows)
+                                                or a.shape[1] < (n_in if cols is None else cols)):
+                    raise contract.ContractError(
+                        f"{path}: adapter tensor {base}: A {tuple(a.shape)} / B {tuple(b.shape)} do not cover what "
+                        f"the level reads ({n_out if rows is None else rows} rows, {n_in if cols is None else cols} columns)")
+            pa, pb = a.new_zeros(a.shape[0], n_in), b.new_zeros(n_out, b.shape[1])
+            pa[:, : a.shape[1]], pb[: b.shape[0]] = a, b
+            a, b = pa, pb
         weights[base] = (a, b)
     if not weights:
         raise contract.ContractError(f"{path}: adapter has no tensors")
@@ -208,7 +249,8 @@ def check_level_adapters(model_path: str | os.PathLike[str], *, config: model.Mo
                                                  f"the model expects {lv.lora_crc32:08x}")
                 out[i] = None
             else:
-                out[i] = read_adapter(path, model_id=spec.model_id, level=i, crc32=lv.lora_crc32, config=config)
+                out[i] = read_adapter(path, model_id=spec.model_id, level=i, crc32=lv.lora_crc32, config=config,
+                                      widths=lv)
         except contract.ContractError as e:
             raise contract.ContractError(f"{model_path}: elastic level {i}: {e}") from e
     return out

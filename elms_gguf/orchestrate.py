@@ -59,6 +59,8 @@ class Decision:
     feasible: bool = True
     reason: str = ""
     options: int = 0              # how many (level, ratio) pairs were considered
+    margin_ttft: float = 1.0      # the predictions were tested against the SLO multiplied by these
+    margin_tpot: float = 1.0      # (LatencyCalibration: measured/predicted quantiles of served requests)
 
     @property
     def compress(self) -> bool:
@@ -113,6 +115,7 @@ def decide(
     prompt_ratios: Sequence[float] | None = None,
     overhead_ms: float = 0.0,
     n_decode: int | None = None,
+    margin: tuple[float, float] = (1.0, 1.0),
 ) -> Decision:
     """The (level, prompt ratio) to run a request with (see the module docstring).
 
@@ -136,6 +139,9 @@ def decide(
             that fed a decision head); added to every predicted TTFT and reported as scorer time.
         n_decode: output tokens after the first (``max_tokens - 1``): TPOT is predicted as the mean over that many
             intervals (the first tokens after a prefill are slower); None = steady state.
+        margin: (TTFT, TPOT) multipliers of the predictions when testing them against the SLO, e.g.
+            :meth:`~elms_gguf.profile.LatencyCalibration.margins` (plan for a quantile, not the median); the
+            reported predictions stay the profile's.
     """
     slo = SLO.coerce(slo)
     if isinstance(n_fixed, bool) or int(n_fixed) != n_fixed or n_fixed < 0:
@@ -146,8 +152,12 @@ def decide(
     n_full = n_fixed + n_compressible
     if not (0.0 <= headroom < 1.0):
         raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+    m_ttft, m_tpot = (float(m) for m in margin)
+    if not (m_ttft > 0 and m_tpot > 0 and math.isfinite(m_ttft) and math.isfinite(m_tpot)):
+        raise ValueError(f"margin must be two positive numbers, got {margin!r}")
     slo_ttft, slo_tpot = slo.resolve(profile, n_full, n_decode)
-    plan_ttft, plan_tpot = slo_ttft * (1 - headroom), slo_tpot * (1 - headroom)
+    # testing prediction x margin against SLO x (1 - headroom) == testing the prediction against plan_*
+    plan_ttft, plan_tpot = slo_ttft * (1 - headroom) / m_ttft, slo_tpot * (1 - headroom) / m_tpot
     can_compress = n_compressible > 0 and (scorer is not None or scorer_ms is not None)
     cost = 0.0
     if can_compress:
@@ -172,7 +182,8 @@ def decide(
                         n_compressible=n_compressible, n_prompt=n_prompt, predicted_prefill_ms=prefill,
                         predicted_scorer_ms=sc, predicted_ttft_ms=prefill + sc,
                         predicted_tpot_ms=profile.tpot_ms(lv, n_decode), slo_ttft_ms=slo_ttft, slo_tpot_ms=slo_tpot,
-                        feasible=feasible, reason=reason, options=len(lvls) * len(grid))
+                        feasible=feasible, reason=reason, options=len(lvls) * len(grid),
+                        margin_ttft=m_ttft, margin_tpot=m_tpot)
 
     def fits(value: float, limit: float) -> bool:
         return value <= limit * (1 + _EPS) + _EPS
@@ -189,23 +200,29 @@ def decide(
 
     # infeasible: the least-bad pair, and a report
     def overshoot(d: Decision) -> float:
-        return max(d.predicted_ttft_ms / slo_ttft if slo_ttft > 0 else math.inf,
-                   d.predicted_tpot_ms / slo_tpot if slo_tpot > 0 else math.inf)
+        return max(d.predicted_ttft_ms * m_ttft / slo_ttft if slo_ttft > 0 else math.inf,
+                   d.predicted_tpot_ms * m_tpot / slo_tpot if slo_tpot > 0 else math.inf)
 
     cands = [make(lv, rho, False, "") for lv in lvls for rho in grid]
     best = min(cands, key=lambda d: (overshoot(d), -d.level_ratio, -d.prompt_ratio))
     fastest_ttft = min(cands, key=lambda d: d.predicted_ttft_ms)
     fastest_tpot = min(cands, key=lambda d: d.predicted_tpot_ms)
     why = []
-    if not fits(fastest_tpot.predicted_tpot_ms, slo_tpot):
-        why.append(f"TPOT SLO {slo_tpot:.2f} ms < the fastest level's TPOT {fastest_tpot.predicted_tpot_ms:.2f} ms "
+    calibrated = m_ttft != 1.0 or m_tpot != 1.0
+    with_m = " x margin" if calibrated else ""
+    if not fits(fastest_tpot.predicted_tpot_ms, plan_tpot):
+        why.append(f"TPOT SLO {slo_tpot:.2f} ms < the fastest level's TPOT{with_m} "
+                   f"{fastest_tpot.predicted_tpot_ms * m_tpot:.2f} ms "
                    f"(level {fastest_tpot.level}, ratio {fastest_tpot.level_ratio:.2f})")
-    if not fits(fastest_ttft.predicted_ttft_ms, slo_ttft):
-        why.append(f"TTFT SLO {slo_ttft:.1f} ms < the fastest option's TTFT {fastest_ttft.predicted_ttft_ms:.1f} ms "
+    if not fits(fastest_ttft.predicted_ttft_ms, plan_ttft):
+        why.append(f"TTFT SLO {slo_ttft:.1f} ms < the fastest option's TTFT{with_m} "
+                   f"{fastest_ttft.predicted_ttft_ms * m_ttft:.1f} ms "
                    f"(level {fastest_ttft.level}, prompt ratio {fastest_ttft.prompt_ratio:g}: "
                    f"{fastest_ttft.n_prompt} tokens, scorer {fastest_ttft.predicted_scorer_ms:.1f} ms)")
-    if not why:
-        why.append("no single level meets both the TTFT and the TPOT SLO "
+    if calibrated:
+        why.append(f"planning for the calibrated quantile: margins x {m_ttft:.2f} (TTFT), x {m_tpot:.2f} (TPOT)")
+    if len(why) == int(calibrated):
+        why.insert(0, "no single level meets both the TTFT and the TPOT SLO "
                    f"(TTFT {slo_ttft:.1f} ms, TPOT {slo_tpot:.2f} ms)")
     if not can_compress and n_compressible == 0:
         why.append("nothing in the prompt is compressible (pass context=)")

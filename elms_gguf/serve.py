@@ -68,7 +68,10 @@ class ElasticLlama(_RuntimeElasticLlama):
         min_prompt_ratio: never keep less than this fraction of the compressible tokens (default 0.2).
         best_effort: when no (level, ratio) meets the SLO, serve the least-bad one (True) or raise
             :class:`~elms_gguf.orchestrate.SLOInfeasible` (False, default); per request too.
-        headroom: plan against ``(1 - headroom)`` x the SLO, a margin for latency noise (default 0).
+        headroom: plan against ``(1 - headroom)`` x the SLO, a fixed margin for latency noise (default 0).
+        slo_quantile: plan so that about this share of requests meets its SLO (default 0.95): predictions are
+            multiplied by that quantile of measured/predicted latency (:class:`~elms_gguf.profile.LatencyCalibration`:
+            the profile's own spread at first, then the last requests served). None plans on the profile's medians.
         score_cache: contexts whose word scores are cached (default 64).
         decision_head: ``"auto"`` (default: the TLM's decision head when it has one, :mod:`elms_gguf.decision`,
             guarded by the profile), ``"rule"`` (always the profile rule, :func:`elms_gguf.orchestrate.decide`)
@@ -85,18 +88,27 @@ class ElasticLlama(_RuntimeElasticLlama):
         min_prompt_ratio: float = O.DEFAULT_MIN_PROMPT_RATIO,
         best_effort: bool = False,
         headroom: float = 0.0,
+        slo_quantile: float | None = 0.95,
         score_cache: int = 64,
         decision_head: str = "auto",
         **kwargs: Any,
     ) -> None:
         _n_threads_kwargs(kwargs)
         super().__init__(model_path, **kwargs)
+        try:
+            if not (0.0 <= float(headroom) < 1.0):
+                raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+            if slo_quantile is not None and not (0.0 < float(slo_quantile) < 1.0):
+                raise ValueError(f"slo_quantile must be in (0, 1) or None, got {slo_quantile!r}")
+            O.ratio_grid(float(min_prompt_ratio))  # validates
+        except ValueError:
+            self.close()
+            raise
         self.min_prompt_ratio = float(min_prompt_ratio)
-        O.ratio_grid(self.min_prompt_ratio)  # validates
         self.best_effort = bool(best_effort)
-        if not (0.0 <= float(headroom) < 1.0):
-            raise ValueError(f"headroom must be in [0, 1), got {headroom}")
         self.headroom = float(headroom)
+        self.slo_quantile = None if slo_quantile is None else float(slo_quantile)
+        self.calibration: P.LatencyCalibration | None = None
         self._fingerprint = P.model_fingerprint(model_path)
         self.profile = self._load_profile(profile)
         self.tlm = None
@@ -136,6 +148,25 @@ class ElasticLlama(_RuntimeElasticLlama):
         self.decision_head = head if decision_head != "rule" else None
 
     # -- profile ------------------------------------------------------------------------------------------
+
+    @property
+    def profile(self) -> LatencyProfile | None:
+        return self._profile
+
+    @profile.setter
+    def profile(self, value: LatencyProfile | None) -> None:
+        """A new profile restarts the calibration from that profile's own spread."""
+        self._profile = value
+        self.calibration = (P.LatencyCalibration.from_profile(value, quantile=self.slo_quantile)
+                            if value is not None and self.slo_quantile is not None else None)
+
+    def _margin(self) -> tuple[float, float]:
+        return self.calibration.margins() if self.calibration is not None else (1.0, 1.0)
+
+    def _observe(self, e: Mapping[str, Any]) -> None:
+        if self.calibration is not None:
+            self.calibration.observe(predicted_ttft_ms=e.get("predicted_ttft_ms"), measured_ttft_ms=e.get("measured_ttft_ms"),
+                                     predicted_tpot_ms=e.get("predicted_tpot_ms"), measured_tpot_ms=e.get("measured_tpot_ms"))
 
     def _load_profile(self, profile: object) -> LatencyProfile | None:
         if profile is None:
@@ -228,12 +259,12 @@ class ElasticLlama(_RuntimeElasticLlama):
                     pooled=pooled, levels=levels, scorer_ms=self._scorer_ms(contexts),
                     min_prompt_ratio=self.min_prompt_ratio if min_prompt_ratio is None else min_prompt_ratio,
                     best_effort=self.best_effort if best_effort is None else best_effort, headroom=self.headroom,
-                    overhead_ms=overhead, n_decode=n_decode)
+                    overhead_ms=overhead, n_decode=n_decode, margin=self._margin())
         return O.decide(self.profile, slo, n_fixed=n_fixed, n_compressible=n_compressible,
                         scorer_ms=self._scorer_ms(contexts) if n_compressible else None,
                         min_prompt_ratio=self.min_prompt_ratio if min_prompt_ratio is None else min_prompt_ratio,
                         levels=levels, best_effort=self.best_effort if best_effort is None else best_effort,
-                        headroom=self.headroom, n_decode=n_decode)
+                        headroom=self.headroom, n_decode=n_decode, margin=self._margin())
 
     def _compress(self, text: str, rho: float) -> tuple[str, float, bool]:
         """(compressed text, scorer ms, cache hit) keeping ``rho`` of ``text``'s tokens."""
@@ -253,6 +284,8 @@ class ElasticLlama(_RuntimeElasticLlama):
         tpot = clock.tpot_ms()
         slo_t = None if math.isinf(d.slo_ttft_ms) else d.slo_ttft_ms
         slo_p = None if math.isinf(d.slo_tpot_ms) else d.slo_tpot_ms
+        self._observe({"predicted_ttft_ms": d.predicted_ttft_ms, "measured_ttft_ms": ttft,
+                       "predicted_tpot_ms": d.predicted_tpot_ms, "measured_tpot_ms": tpot})
         return {
             "level": d.level, "level_ratio": d.level_ratio,
             "prompt_ratio": (n_c_after / n_c_before) if n_c_before else 1.0, "planned_prompt_ratio": d.prompt_ratio,
@@ -264,7 +297,7 @@ class ElasticLlama(_RuntimeElasticLlama):
             "slo_ttft_ms": slo_t, "slo_tpot_ms": slo_p,
             "ttft_met": None if ttft is None or slo_t is None else bool(ttft <= slo_t),
             "tpot_met": None if tpot is None or slo_p is None else bool(tpot <= slo_p),
-            "feasible": d.feasible, "reason": d.reason,
+            "feasible": d.feasible, "reason": d.reason, "margins": [d.margin_ttft, d.margin_tpot],
         }
 
     @staticmethod

@@ -5,8 +5,9 @@ included; research/elms-paper.md section 2). Here each level's adapter is traine
 runtime computes it**: the elastic GGUF's own (dequantized) weights, prefix slices of the reordered rows/columns at
 the level's per-layer widths, anchors full, skipped blocks skipped -- i.e. :func:`elms_gguf.model.forward` with
 ``widths=level`` and ``lora=...``. A and B are trained at the *active* shapes only (A: ``[r, active in]``,
-B: ``[active out, r]``), so the zero padding that :func:`elms_gguf.lora.write_adapter` adds is exactly zero and
-never read. Blocks a level skips (width 0) get no adapter tensors.
+B: ``[active out, r]``) and written at those shapes (:func:`elms_gguf.lora.write_adapter` with ``level=``: compact
+adapters, which the runtime loads as exactly what the level reads). Blocks a level skips (width 0) get no adapter
+tensors.
 
 Data (installs offline, no labels): **self-distillation** from the dense model (teacher = level -1):
 
@@ -424,7 +425,7 @@ class SubModel:
                 il = int(name.split(".")[1])
                 kv, ff = self.widths[il]
                 kind = name.split(".")[2]
-                rows, cols = active_shape(c, kind, kv, ff)
+                rows, cols = contract.active_shape(c.dims(), kind, kv, ff)
                 if (kind.startswith("attn") and kv == 0) or (kind.startswith("ffn") and ff == 0):
                     continue
                 t = t[:rows] if t.dim() == 1 else t[:rows, :cols]
@@ -460,14 +461,6 @@ class SubModel:
             if "output.bias" in w:
                 logits = logits + w["output.bias"]
         return logits.float()
-
-
-def active_shape(config: M.ModelConfig, kind: str, kv: int, ff: int) -> tuple[int | None, int | None]:
-    """(rows, cols) a level keeps of a layer tensor of this kind (None = all): the runtime's views."""
-    hq, d = kv * config.group, config.head_dim
-    rows = {"attn_q": hq * d, "attn_k": kv * d, "attn_v": kv * d, "ffn_gate": ff, "ffn_up": ff}.get(kind)
-    cols = {"attn_output": hq * d, "ffn_down": ff}.get(kind)
-    return rows, cols
 
 
 def kd_loss(logits: torch.Tensor, data: DistillData) -> torch.Tensor:
@@ -524,7 +517,7 @@ def init_lora(config: M.ModelConfig, widths: Sequence[tuple[int, int]], *, rank:
                 continue  # the level skips this block: no adapter
             name = f"blk.{il}.{kind}.weight"
             n_out, n_in = shapes[name]
-            rows, cols = active_shape(config, kind, kv, ff)
+            rows, cols = contract.active_shape(config.dims(), kind, kv, ff)
             n_out, n_in = rows if rows is not None else n_out, cols if cols is not None else n_in
             bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform_(a=sqrt(5)) as in PEFT's LoRA A
             a = ((torch.rand(rank, n_in, generator=g) * 2 - 1) * bound).to(device).requires_grad_()
@@ -678,7 +671,7 @@ def train_all_levels(path: str | os.PathLike[str], config: TrainConfig | None = 
         adapter, st = train_level(mconfig, weights, lv, data, cfg, level_index=i, model_id=spec.model_id, device=device)
         secs = time.perf_counter() - t0
         apath = adapter_path(out_path, i)
-        L.write_adapter(apath, mconfig, adapter, dtype=cfg.adapter_type)
+        L.write_adapter(apath, mconfig, adapter, dtype=cfg.adapter_type, level=lv)
         written[i] = apath
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
         results.append(LevelResult(level=i, ratio=lv.ratio, adapter_path=apath, params=int(st["params"]),
@@ -804,7 +797,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["TrainConfig", "TrainError", "DistillData", "LevelResult", "TrainResult", "PRESETS", "QA_SOURCES",
-           "questions", "prose_rows", "answer_dialogues", "pack", "build_rows", "SubModel", "active_shape", "kd_loss",
+           "questions", "prose_rows", "answer_dialogues", "pack", "build_rows", "SubModel", "kd_loss",
            "teacher_targets", "init_lora", "train_level", "adapter_path", "levels_to_train", "train_all_levels",
            "build_parser", "main"]
 

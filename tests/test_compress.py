@@ -81,6 +81,34 @@ def test_compress_prompt_llmlingua_shape():
     assert "Mercury" in r4["compressed_context"]
 
 
+def test_compressed_context_fits_the_budget_with_whitespace_merging_tokenizer():
+    """Word costs count each word with its own whitespace; a kept word after a dropped paragraph break renders with
+    the break, which this tokenizer (like BPE: newlines are tokens, a space merges into the word) makes longer.
+    The compressed context still never exceeds the budget, and fills most of it."""
+    import re
+
+    def tokenize(s: str) -> list[str]:
+        return re.findall(r"\n| ?[A-Za-z]+| ?[^A-Za-z\s]| ", s)
+
+    pc = PromptCompressor(LengthScorer(), tokenizer=tokenize)
+    text = CONTEXT * 3
+    n = len(tokenize(text))
+    for rate in (0.2, 0.3, 0.5, 0.7, 0.9):
+        r = pc.compress_prompt(text, rate=rate)
+        budget = round(rate * n)
+        assert r["context_tokens"] == n
+        assert r["compressed_context_tokens"] == len(tokenize(r["compressed_context"])) <= budget, rate
+        assert r["compressed_context_tokens"] >= 0.75 * budget, rate
+        assert is_subsequence(r["compressed_context"].split(), text.split())
+    # the overshoot is real without the fit: the first selection alone renders over budget for some rate
+    words = C.split_words(text)
+    costs = [len(tokenize(ws + w)) for ws, w in words]
+    scores = LengthScorer().score(words)
+    over = [len(tokenize(C.render(words, C.select(scores, costs, round(r * n))))) - round(r * n)
+            for r in (0.2, 0.3, 0.5, 0.7, 0.9)]
+    assert max(over) > 0
+
+
 @pytest.mark.parametrize("kw", [dict(rate=0.0), dict(rate=1.5), dict(rate="half"), dict(target_tokens=-1),
                                 dict(), dict(rate=0.5, target_tokens=3)])
 def test_compress_prompt_refuses_bad_budgets(kw):

@@ -276,6 +276,26 @@ def test_searched_allocation_rules(blocks, min_ffn):
         assert any(0 < ff < min_ffn for lv in free for ff in lv.feed_forward_length)
 
 
+def test_default_min_ffn_width_keeps_ffn_down_rows_at_160_bytes_at_most_a_quarter_of_the_ffn():
+    d = SMOL  # n_ff 1536
+    smol = M.ModelConfig(arch="llama", n_layer=d.n_layer, n_embd=d.n_embd, n_head=d.n_head, n_head_kv=d.n_head_kv,
+                         head_dim=d.head_dim, n_ff=d.n_ff, n_vocab=32, rope_theta=1e4, rms_eps=1e-5)
+
+    def types(t):
+        return {f"blk.{il}.{n}.weight": t for il in range(d.n_layer) for n in ("attn_output", "ffn_down")}
+
+    assert CV.MIN_FFN_ROW_BYTES == 160
+    assert CV.width_grid(smol, types(QT.Q4_1), None).min_ffn == 256   # 20 bytes per 32 weights
+    assert CV.width_grid(smol, types(QT.Q8_0), None).min_ffn == 160   # 34 bytes per 32: 151 -> 160 (step 32)
+    assert CV.width_grid(smol, types(QT.F16), None).min_ffn == 96     # 80 -> 96
+    assert CV.width_grid(smol, types(QT.F32), None).min_ffn == 64     # 40 -> 64
+    assert CV.width_grid(smol, types(QT.F32), "Q4_K_M").min_ffn == 256  # 4.5 bits: 285 -> 512 (step 256) > 1536 / 4
+    assert CV.width_grid(smol, types(QT.Q4_1), None, min_ffn=0).min_ffn == 0
+    tiny = M.tiny_config("llama")  # n_ff 128 or so: at most a quarter
+    tt = {f"blk.{il}.{n}.weight": QT.Q4_1 for il in range(tiny.n_layer) for n in ("attn_output", "ffn_down")}
+    assert CV.width_grid(tiny, tt, None).min_ffn <= tiny.n_ff // 4
+
+
 def test_uniform_matches_elms_rule():
     """ELMS' uniform widths for SmolLM2 (quality-feasibility.md section 3)."""
     grid = A.WidthGrid(SMOL, 32, 32)
@@ -357,7 +377,7 @@ def _write_foreign_arch(path):
 
 
 def _tiny_cfg(**kw) -> CV.ConvertConfig:
-    base = dict(progress=False, probe_samples=2, compare=False, levels=(0.5, 1.0),
+    base = dict(progress=False, probe_samples=2, compare=False, levels=(0.5, 1.0), min_ffn_width=0,
                 calib_tokens=CV.tiny_calib_tokens(M.TINY_VOCAB_SIZE, 4, 16),
                 heldout_tokens=CV.tiny_calib_tokens(M.TINY_VOCAB_SIZE, 2, 16, 1))
     base.update(kw)

@@ -68,7 +68,7 @@ def uniform_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 @pytest.fixture(scope="session")
 def lora_model(tmp_path_factory, tiny_elastic_llama) -> tuple[Path, list[lora.Adapter]]:
-    """The tiny anchored elastic llama (F32) with a random adapter (F16, the default) for levels 0 and 1 next to it."""
+    """The tiny anchored elastic llama (F32) with a random adapter (F16, compact: the defaults) for levels 0 and 1."""
     d = tmp_path_factory.mktemp("lora")
     cfg, w, spec = tiny_elastic_llama.config, tiny_elastic_llama.weights, tiny_elastic_llama.spec
     spec = ElasticSpec(levels=[Level(lv.ratio, list(lv.head_count_kv), list(lv.feed_forward_length), lv.achieved_ratio)
@@ -78,7 +78,7 @@ def lora_model(tmp_path_factory, tiny_elastic_llama) -> tuple[Path, list[lora.Ad
     paths = {}
     for ad in adapters:
         paths[ad.level] = d / f"tiny-level{ad.level}.lora.gguf"
-        lora.write_adapter(paths[ad.level], cfg, ad)
+        lora.write_adapter(paths[ad.level], cfg, ad, level=spec.levels[ad.level])
     lora.attach_adapters(spec, paths, model_dir=str(d))
     path = d / "tiny-elastic-lora.gguf"
     model.write_gguf(path, cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
@@ -234,7 +234,7 @@ def test_f32_adapters_apply_like_f16_ones_at_twice_the_size(lora_model, tiny_ela
                                for lv in tiny_elastic_llama.spec.levels],
                        anchors=tiny_elastic_llama.spec.anchors, model_id=tiny_elastic_llama.spec.model_id)
     f32 = tmp_path / "m.level0.lora.gguf"
-    lora.write_adapter(f32, cfg, adapters[0], dtype="f32")
+    lora.write_adapter(f32, cfg, adapters[0], dtype="f32", level=spec.levels[0])
     f16 = Path(path).parent / "tiny-level0.lora.gguf"
     assert 1.9 < f32.stat().st_size / f16.stat().st_size < 2.1
     lora.attach_adapters(spec, {0: str(f32)}, model_dir=str(tmp_path))
@@ -258,9 +258,10 @@ def test_level_lora_is_kept_apart_from_no_lora_policy(lora_model, tiny_elastic_l
 
 
 def test_padding_beyond_the_active_width_is_never_read(lora_model, tmp_path):
-    """Junk in the zero padding of an adapter changes nothing: the runtime slices A/B like the weights."""
+    """A full-shape adapter with junk beyond level 0's widths gives the same logits, bit for bit, as the compact
+    adapter of the same values: the runtime slices A/B like the weights, so padding is never read."""
     path, adapters = lora_model
-    ref, _ = logits_of(path, level=0)
+    ref, _ = logits_of(path, level=0)  # the compact adapter
     # rewrite level 0's adapter with junk in the padded region (rows of B / columns of A beyond level 0's widths)
     work = tmp_path / "m"
     work.mkdir()
@@ -295,6 +296,33 @@ def test_padding_beyond_the_active_width_is_never_read(lora_model, tmp_path):
     model.write_gguf(work / "model.gguf", cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
     got, _ = logits_of(work / "model.gguf", level=0)
     np.testing.assert_array_equal(got, ref)
+    compact = Path(path).parent / "tiny-level0.lora.gguf"
+    assert compact.stat().st_size < (work / "junk.gguf").stat().st_size
+
+
+def test_compact_adapter_narrower_than_its_level_is_refused(lora_model, tmp_path):
+    """An adapter cut to narrower widths than its level reads is refused at load (and by read_adapter), naming
+    the layer and tensor; stock --lora keeps stock rules and refuses a compact adapter as the wrong shape."""
+    path, adapters = lora_model
+    cfg = model.tiny_config("llama")
+    _, w, src = model.load_gguf(path)
+    spec = contract.read_spec(src.fields)
+    lv0 = spec.levels[0]
+    narrow = Level(lv0.ratio, list(lv0.head_count_kv), [f // 2 for f in lv0.feed_forward_length])
+    il = next(i for i, f in enumerate(lv0.feed_forward_length) if f > 0)
+    ad = tmp_path / "narrow.gguf"
+    lora.write_adapter(ad, cfg, adapters[0], level=narrow)
+    lora.attach_adapters(spec, {0: str(ad)}, model_dir=str(tmp_path))
+    spec.levels[1].lora = ""
+    model.write_gguf(tmp_path / "m.gguf", cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
+    msg = _load_error(tmp_path / "m.gguf")
+    assert "elastic level 0" in msg and "does not fit this level" in msg and f"layer {il}: blk.{il}.ffn_" in msg
+    with pytest.raises(contract.ContractError, match=rf"blk\.{il}\.ffn_(gate|up|down)\.weight.*do not cover what the level reads"):
+        lora.check_level_adapters(tmp_path / "m.gguf", config=cfg)
+    plain = tmp_path / "plain.gguf"
+    truncate.strip_elastic(path, plain)
+    r = _completion(plain, "--lora", str(Path(path).parent / "tiny-level0.lora.gguf"))
+    assert r.returncode != 0 and "incorrect shape" in r.stderr
 
 
 # --------------------------------------------------------------------------------------------------------------

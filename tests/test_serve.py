@@ -33,7 +33,7 @@ def served(tiny_elastic_llama):
 
     path = str(tiny_elastic_llama.path)
     llm = ElasticLlama(path, scorer="selfinfo", profile=tiny_profile(path), n_ctx=512, n_batch=128, n_threads=1,
-                       verbose=False)
+                       verbose=False, slo_quantile=None)  # plan on the synthetic medians: deterministic
     yield llm
     llm.close()
 
@@ -138,3 +138,40 @@ def test_profile_checks(tiny_elastic_llama, tiny_llama, tmp_path, monkeypatch):
     llm2 = ElasticLlama(path, n_ctx=256, n_threads=1, verbose=False)
     assert llm2.profile is not None and llm2.profile.checksum == prof.checksum and llm2.scorer is None
     llm2.close()
+
+
+def test_calibration_learns_from_served_requests_and_widens_the_plan(tiny_elastic_llama):
+    """With slo_quantile, every SLO request records measured/predicted; the planner then multiplies the
+    predictions by that quantile, so a measured slowdown makes it pick a smaller (level, prompt) pair."""
+    require_runtime()
+    from elms_gguf.serve import ElasticLlama
+
+    path = str(tiny_elastic_llama.path)
+    llm = ElasticLlama(path, scorer="selfinfo", profile=tiny_profile(path), n_ctx=512, n_batch=128, n_threads=1,
+                       verbose=False, slo_quantile=0.9)
+    try:
+        cal = llm.calibration
+        assert cal is not None and cal.quantile == 0.9 and cal.margins() == (1.0, 1.0)  # no spread in the profile
+        slo = SLO.relative(0.6, 0.8)
+        out = llm.create_completion(prompt=QUESTION, context=CONTEXT, slo=slo, max_tokens=3, temperature=0.0)
+        e = out["elms"]
+        assert e["margins"] == [1.0, 1.0]
+        assert cal.ttft == pytest.approx([e["measured_ttft_ms"] / e["predicted_ttft_ms"]])
+        assert cal.tpot == pytest.approx([e["measured_tpot_ms"] / e["predicted_tpot_ms"]])
+        n_full = llm.count_tokens(CONTEXT + "\n\n" + QUESTION, add_bos=True)
+        n_c = llm.count_tokens(CONTEXT)
+        cal.ttft[:], cal.tpot[:] = [1.0] * 40, [1.0] * 40  # requests exactly as predicted
+        before = llm.plan(slo, n_fixed=n_full - n_c, n_compressible=n_c, contexts=[CONTEXT])
+        assert (before.margin_ttft, before.margin_tpot) == (1.0, 1.0) and before.feasible
+        cal.ttft[:] = [1.0] * 30 + [1.5] * 10  # the last requests: a quarter 1.5x slower than predicted
+        assert cal.margins() == (1.5, 1.0)
+        after = llm.plan(slo, n_fixed=n_full - n_c, n_compressible=n_c, contexts=[CONTEXT], best_effort=True)
+        assert (after.margin_ttft, after.margin_tpot) == (1.5, 1.0)
+        assert after.predicted_ttft_ms < before.predicted_ttft_ms
+        assert not after.feasible or after.predicted_ttft_ms * 1.5 <= after.slo_ttft_ms + 1e-9
+        llm.profile = tiny_profile(path)  # a new profile restarts the calibration
+        assert llm.calibration is not cal and llm.calibration.ttft == []
+        with pytest.raises(ValueError, match="slo_quantile"):
+            ElasticLlama(path, profile=None, n_ctx=64, n_threads=1, verbose=False, slo_quantile=1.5)
+    finally:
+        llm.close()

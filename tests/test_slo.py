@@ -275,3 +275,47 @@ def test_tpot_of_a_short_generation_uses_the_per_position_profile():
     assert not d.feasible and d.predicted_tpot_ms == pytest.approx(1.75 * 6.0)
     back = LatencyProfile.from_json(json.loads(json.dumps(p.to_json())))
     assert back.levels[0].tpot_by_position == p.levels[0].tpot_by_position
+
+
+def test_decide_margin_plans_for_a_quantile_and_says_so():
+    """Predictions x margin must fit the SLO: with a TTFT margin of 1.3 the chosen pair's median prediction leaves
+    30 % room, the reported prediction is still the profile's, and an infeasible report names the margins."""
+    p = synthetic_profile()
+    slo = SLO.relative(0.6, 0.7)
+    d0 = decide(p, slo, n_fixed=20, n_compressible=200, scorer="tlm")
+    d1 = decide(p, slo, n_fixed=20, n_compressible=200, scorer="tlm", margin=(1.3, 1.0))
+    assert (d1.margin_ttft, d1.margin_tpot) == (1.3, 1.0) and d1.feasible
+    assert d1.predicted_ttft_ms * 1.3 <= d1.slo_ttft_ms + 1e-9 < d0.predicted_ttft_ms * 1.3
+    assert d1.predicted_ttft_ms == pytest.approx(p.ttft_ms(d1.level, d1.n_prompt) + d1.predicted_scorer_ms)
+    # a TPOT margin moves the level down: level 1 (12 ms) meets a 14 ms TPOT SLO, but not x 1.25
+    assert decide(p, SLO(tpot_ms=14.0), n_fixed=10).level == 1
+    assert decide(p, SLO(tpot_ms=14.0), n_fixed=10, margin=(1.0, 1.25)).level == 0
+    with pytest.raises(SLOInfeasible, match=r"TPOT x margin 7.50 ms.*margins x 1.00 \(TTFT\), x 1.25 \(TPOT\)"):
+        decide(p, SLO(tpot_ms=7.0), n_fixed=10, margin=(1.0, 1.25))
+    for bad in ((0.0, 1.0), (1.0, float("nan")), (-1.0, 2.0)):
+        with pytest.raises(ValueError, match="margin"):
+            decide(p, slo, n_fixed=1, margin=bad)
+
+
+def test_calibration_starts_from_the_profile_spread_then_follows_served_requests():
+    p = synthetic_profile()
+    p.meta["raw_ttft_ms"] = {"0@100": [p.ttft_ms(0, 100) * f for f in (0.9, 1.0, 1.2)],
+                             "-1@100": [p.ttft_ms(-1, 100) * f for f in (1.0, 1.1, 1.5)]}
+    for lp in p.levels.values():
+        lp.tpot_by_position = [lp.tpot_ms, lp.tpot_ms]
+        lp.tpot_samples = [lp.tpot_ms * f for f in (1.0, 1.05, 0.95, 1.1)]
+    cal = profile.LatencyCalibration.from_profile(p, quantile=0.8, min_observed=4, window=5)
+    assert sorted(cal.prior_ttft) == pytest.approx([0.9, 1.0, 1.0, 1.1, 1.2, 1.5])
+    assert cal.margins() == pytest.approx((1.2, 1.1))  # 0.8 quantile ("higher") of the prior
+    # fewer than min_observed requests: pooled with the prior
+    for f in (2.0, 2.0, 2.0):
+        cal.observe(predicted_ttft_ms=100.0, measured_ttft_ms=100.0 * f, predicted_tpot_ms=10.0, measured_tpot_ms=None)
+    assert cal.margins()[0] == pytest.approx(2.0) and cal.margins()[1] == pytest.approx(1.1)
+    # enough requests: only the window of observed ones counts (oldest dropped), never below the floor of 1
+    for f in (0.5, 0.6, 0.7, 0.8, 0.9):
+        cal.observe(predicted_ttft_ms=100.0, measured_ttft_ms=100.0 * f, predicted_tpot_ms=10.0, measured_tpot_ms=5.0)
+    assert cal.ttft == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9]) and cal.margins() == (1.0, 1.0)
+    cal.observe(predicted_ttft_ms=100.0, measured_ttft_ms=float("nan"))  # ignored
+    assert len(cal.ttft) == 5 and cal.summary()["observed"] == 5
+    with pytest.raises(ValueError, match="quantile"):
+        profile.LatencyCalibration(quantile=1.0)

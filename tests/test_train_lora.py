@@ -44,13 +44,15 @@ def _cfg(config: model.ModelConfig, **kw) -> train_lora.TrainConfig:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_elastic_llama):
-    """The tiny anchored elastic llama (level 0 skips layer 2) with adapters trained for levels 0 and 1."""
+    """The tiny anchored elastic llama (level 0 skips layer 2) with adapters trained for levels 0 and 1 (read back
+    zero-padded to the full weight shapes, so that any level's forward can apply any level's adapter)."""
     d = tmp_path_factory.mktemp("train_lora")
     src = shutil.copyfile(tiny_elastic_llama.path, d / "tiny.gguf")
     before = _sha(src)
     res = train_lora.train_all_levels(src, _cfg(tiny_elastic_llama.config), out=d / "tiny-lora.gguf")
     return dict(src=Path(src), src_sha=before, res=res, tiny=tiny_elastic_llama,
-                adapters={r.level: lora.read_adapter(r.adapter_path) for r in res.levels})
+                adapters={r.level: lora.read_adapter(r.adapter_path, config=tiny_elastic_llama.config)
+                          for r in res.levels})
 
 
 def _assert_close(got: np.ndarray, ref: np.ndarray, rtol: float = 2e-4) -> None:
@@ -133,10 +135,14 @@ def test_submodel_in_float32_is_the_reference_forward(tiny_elastic_qwen2):
 # export
 
 
-def test_padding_beyond_the_active_width_is_exactly_zero_and_skipped_blocks_have_no_tensors(trained):
+def test_adapters_are_stored_cut_to_their_level_and_skipped_blocks_have_no_tensors(trained):
+    """On disk each A/B holds exactly what its level reads; read back against the model they are zero-padded."""
     tiny = trained["tiny"]
     c = tiny.config
-    for level, ad in trained["adapters"].items():
+    for level, padded in trained["adapters"].items():
+        path = trained["res"].levels[level].adapter_path
+        ad = lora.read_adapter(path)  # as stored
+        assert lora.read_adapter(path, config=c, widths=tiny.spec.levels[level]).weights.keys() == padded.weights.keys()
         widths = model.level_widths(tiny.spec.levels[level])
         for il, (kv, ff) in enumerate(widths):
             for kind in lora.TARGETS:
@@ -146,11 +152,14 @@ def test_padding_beyond_the_active_width_is_exactly_zero_and_skipped_blocks_have
                     continue
                 a, b = ad.weights[name]
                 n_out, n_in = model.tensor_shapes(c)[0][name]
-                assert a.shape == (8, n_in) and b.shape == (n_out, 8)  # full shapes on disk
-                rows, cols = train_lora.active_shape(c, kind, kv, ff)
+                rows, cols = contract.active_shape(c.dims(), kind, kv, ff)
                 rows, cols = rows or n_out, cols or n_in
-                assert torch.count_nonzero(a[:, cols:]) == 0 and torch.count_nonzero(b[rows:]) == 0, name
-                assert torch.count_nonzero(b[:rows]) > 0, f"{name}: B was not trained"
+                assert a.shape == (8, cols) and b.shape == (rows, 8), name  # compact on disk
+                assert torch.count_nonzero(b) > 0, f"{name}: B was not trained"
+                pa, pb = padded.weights[name]
+                assert pa.shape == (8, n_in) and pb.shape == (n_out, 8)
+                assert torch.equal(pa[:, :cols], a) and torch.equal(pb[:rows], b), name
+                assert torch.count_nonzero(pa[:, cols:]) == 0 and torch.count_nonzero(pb[rows:]) == 0, name
         assert {int(n.split(".")[1]) for n in ad.weights} == {il for il, (kv, ff) in enumerate(widths) if kv or ff}
 
 

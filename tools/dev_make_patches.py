@@ -27,7 +27,9 @@ What: an elastic GGUF (written by elms-gguf's elms-convert) carries `elms.*` key
 and layer, the active KV-head count and FFN width (0 = block skipped), plus an optional LoRA adapter per level.
 This patch loads them onto the model (src/llama-elastic.{h,cpp}), validates them at load (table lengths = n_layer,
 widths within the full sizes, nested levels, every column-sliced width whole blocks of the tensor's actual type:
-errors name the level, layer and tensor), loads and checks the per-level adapters (CRC-32, model id, level),
+errors name the level, layer and tensor), loads and checks the per-level adapters (CRC-32, model id, level,
+and that every tensor covers what its level reads: llama_adapter_lora_init_elastic accepts adapters stored cut
+to their level's widths, which stock --lora adapters keep refusing),
 keeps the selected level in llama_cparams and exposes it in the C API:
 llama_model_n_elastic_levels, llama_model_elastic_ratio, llama_set_elastic_level, llama_set_elastic_ratio,
 llama_get_elastic_level, llama_elastic_last_error.
@@ -40,6 +42,8 @@ rows reads the wrong elements (silent garbage otherwise).
         [
             "include/llama.h",
             "src/CMakeLists.txt",
+            "src/llama-adapter.h",
+            "src/llama-adapter.cpp",
             "src/llama-elastic.h",
             "src/llama-elastic.cpp",
             "src/llama-model.h",

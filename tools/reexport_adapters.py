@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Re-export the level adapters of an elastic GGUF with another storage type (e.g. F32 adapters of an older
-elms-train-lora run as F16), next to a copy of the model whose level table names them.
+"""Re-export the level adapters of an elastic GGUF with another storage type or layout (e.g. the F32, full-shape
+adapters of an older elms-train-lora run as compact F16), next to a copy of the model whose level table names them.
 
     python tools/reexport_adapters.py bench/out/lora/smollm2-elastic-lora.gguf bench/out/lora16/smollm2-elastic-lora.gguf
 
@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model", help="elastic GGUF whose level table names adapters")
     ap.add_argument("out", help="output model path; the adapters are written next to it")
     ap.add_argument("--adapter-type", choices=tuple(L.ADAPTER_TYPES), default=L.DEFAULT_ADAPTER_TYPE)
+    ap.add_argument("--padded", action="store_true",
+                    help="store A/B zero-padded to the full weight shapes (default: compact, cut to each level's widths)")
     args = ap.parse_args(argv)
     if M._same_file(args.model, args.out) if os.path.exists(args.out) else False:
         ap.error("the output must not be the input model")
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, ad in adapters.items():
         if ad is not None:
             written[i] = os.path.join(out_dir, f"{stem}.level{i}.lora.gguf")
-            L.write_adapter(written[i], cfg, ad, dtype=args.adapter_type)
+            L.write_adapter(written[i], cfg, ad, dtype=args.adapter_type,
+                            level=None if args.padded else spec.levels[i])
     L.attach_adapters(spec, written, model_dir=out_dir)
     L.rewrite_spec(args.model, args.out, spec)
     for i, p in written.items():
