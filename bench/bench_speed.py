@@ -4,7 +4,9 @@ For every level of an elastic GGUF this prints, measured side by side with the s
 
 * prefill (pp512) and decode (tg128) tokens/s of the level (``llama-bench --elms-ratio``) and of the physically
   truncated GGUF of the same widths (``elms_gguf.truncate.export_static``, loaded by the stock code path), both
-  without weight repacking, in interleaved rounds (median over all samples), and their ratio (target >= 0.95);
+  without weight repacking, in interleaved rounds (median over all samples), and their ratio (target >= 0.95),
+  plus the *paired* ratio: the median (and quartiles) of each round's elastic/truncated ratio, the two runs of a
+  round back to back with the order alternating, which cancels most of the machine's slow drift;
 * the time to switch level in a running process (set level + KV-cache clear) vs loading the truncated GGUF in
   process (model load + context + first decode).
 
@@ -127,29 +129,39 @@ def main(argv: list[str] | None = None) -> int:
         lv = spec.levels[i]
         trunc = work / f"level{i}.gguf"
         truncate.export_static(elastic, trunc, i)
-        samples = {"el": {}, "tr": {}}
+        samples: dict[str, dict[str, list[float]]] = {"el": {}, "tr": {}}
+        per_round: dict[str, dict[str, list[float]]] = {"el": {}, "tr": {}}  # each round's median, for paired ratios
         for rnd in range(args.rounds):
             log.info("level %d (ratio %.2f): round %d/%d", i, lv.ratio, rnd + 1, args.rounds)
-            for who, path, ratio in (("el", elastic, lv.ratio), ("tr", trunc, None)):
+            pair = [("el", elastic, lv.ratio), ("tr", trunc, None)]
+            for who, path, ratio in (pair if rnd % 2 == 0 else pair[::-1]):  # alternate who goes first
                 for k, v in llama_bench(path, ratio=ratio, threads=args.threads, reps=args.reps, pp=args.pp,
                                         tg=args.tg).items():
                     samples[who].setdefault(k, []).extend(v)
+                    per_round[who].setdefault(k, []).append(statistics.median(v))
         sw_ms, load_ms = switch_times(elastic, trunc, i)
         med = {w: {k: statistics.median(v) for k, v in s.items()} for w, s in samples.items()}
         pp, tg = f"pp{args.pp}", f"tg{args.tg}"
-        rows.append((i, lv.ratio, lv.achieved_ratio, med["el"][pp], med["tr"][pp], med["el"][pp] / med["tr"][pp],
-                     med["el"][tg], med["tr"][tg], med["el"][tg] / med["tr"][tg], sw_ms, load_ms))
+        paired = {k: sorted(e / t for e, t in zip(per_round["el"][k], per_round["tr"][k])) for k in (pp, tg)}
+        rows.append((i, lv.ratio, lv.achieved_ratio, med["el"][pp], med["tr"][pp], med["el"][tg], med["tr"][tg],
+                     paired[pp], paired[tg], sw_ms, load_ms))
 
-    head = (f"| level | ratio (achieved) | {pp} elastic | {pp} truncated | ratio | {tg} elastic | {tg} truncated | ratio "
-            f"| switch (ms) | reload truncated (ms) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    def quartiles(v: list[float]) -> str:
+        q = statistics.quantiles(v, n=4) if len(v) >= 2 else [v[0]] * 3
+        return f"**{statistics.median(v):.3f}** ({q[0]:.2f}-{q[2]:.2f})"
+
+    head = (f"| level | ratio (achieved) | {pp} elastic | {pp} truncated | ratio | paired (IQR) | {tg} elastic "
+            f"| {tg} truncated | ratio | paired (IQR) | switch (ms) | reload truncated (ms) |\n"
+            f"|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     table = head + "".join(
-        f"| {i} | {r:.2f} ({a if a is None else round(a, 3)}) | {ep:.1f} | {tp:.1f} | **{ep / tp:.3f}** | {eg:.1f} | {tgv:.1f} "
-        f"| **{eg / tgv:.3f}** | {sw:.3f} | {ld:.1f} |\n"
-        for i, r, a, ep, tp, _, eg, tgv, _, sw, ld in rows)
+        f"| {i} | {r:.2f} ({a if a is None else round(a, 3)}) | {ep:.1f} | {tp:.1f} | {ep / tp:.3f} | {quartiles(ppr)} "
+        f"| {eg:.1f} | {tgv:.1f} | {eg / tgv:.3f} | {quartiles(tgr)} | {sw:.3f} | {ld:.1f} |\n"
+        for i, r, a, ep, tp, eg, tgv, ppr, tgr, sw, ld in rows)
     cmd = " ".join(["python", "bench/bench_speed.py"] + (argv if argv is not None else sys.argv[1:]))
     uptime = open("/proc/loadavg").read().split()[:3]
-    print(f"\n{cmd}\n(threads {args.threads}, {args.rounds} interleaved rounds x {args.reps} reps, median of all "
-          f"samples, tok/s; load average at end {' '.join(uptime)})\n")
+    print(f"\n{cmd}\n(threads {args.threads}, {args.rounds} interleaved rounds x {args.reps} reps, tok/s medians of "
+          f"all samples; 'paired': median and quartiles of the per-round elastic/truncated ratios, the two runs of a "
+          f"round back to back, alternating which goes first; load average at end {' '.join(uptime)})\n")
     print(table)
     if args.out:
         args.out.write_text(f"`{cmd}`\n\n{table}")

@@ -163,10 +163,11 @@ class ElasticLlama(_RuntimeElasticLlama):
     def _margin(self) -> tuple[float, float]:
         return self.calibration.margins() if self.calibration is not None else (1.0, 1.0)
 
-    def _observe(self, e: Mapping[str, Any]) -> None:
+    def _observe(self, d: O.Decision, ttft_ms: float | None, tpot_ms: float | None) -> None:
+        """Feed one served request's measured latencies to the calibration (whatever decided it)."""
         if self.calibration is not None:
-            self.calibration.observe(predicted_ttft_ms=e.get("predicted_ttft_ms"), measured_ttft_ms=e.get("measured_ttft_ms"),
-                                     predicted_tpot_ms=e.get("predicted_tpot_ms"), measured_tpot_ms=e.get("measured_tpot_ms"))
+            self.calibration.observe(predicted_ttft_ms=d.predicted_ttft_ms, measured_ttft_ms=ttft_ms,
+                                     predicted_tpot_ms=d.predicted_tpot_ms, measured_tpot_ms=tpot_ms)
 
     def _load_profile(self, profile: object) -> LatencyProfile | None:
         if profile is None:
@@ -284,8 +285,7 @@ class ElasticLlama(_RuntimeElasticLlama):
         tpot = clock.tpot_ms()
         slo_t = None if math.isinf(d.slo_ttft_ms) else d.slo_ttft_ms
         slo_p = None if math.isinf(d.slo_tpot_ms) else d.slo_tpot_ms
-        self._observe({"predicted_ttft_ms": d.predicted_ttft_ms, "measured_ttft_ms": ttft,
-                       "predicted_tpot_ms": d.predicted_tpot_ms, "measured_tpot_ms": tpot})
+        self._observe(d, ttft, tpot)
         return {
             "level": d.level, "level_ratio": d.level_ratio,
             "prompt_ratio": (n_c_after / n_c_before) if n_c_before else 1.0, "planned_prompt_ratio": d.prompt_ratio,
