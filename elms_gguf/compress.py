@@ -215,8 +215,8 @@ class PromptCompressor:
         return costs
 
     def _fit(self, words: Sequence[Word], scores: np.ndarray, costs: Sequence[int], keep: np.ndarray, budget: int,
-             force: Sequence[bool] | None) -> str:
-        """Render ``keep`` (updated in place) within ``budget`` tokens of the *rendered* text.
+             force: Sequence[bool] | None) -> tuple[str, int]:
+        """Render ``keep`` (updated in place) within ``budget`` tokens of the *rendered* text: (text, its tokens).
 
         Word costs are counted with each word's own leading whitespace, but a kept word after a dropped run takes
         that run's widest whitespace (a line break, say) and merges differently with its neighbours, so the
@@ -237,7 +237,7 @@ class PromptCompressor:
                 break  # only forced words left
             text = render(words, keep)
             n = self.count(text)
-        return text
+        return text, n
 
     # -- compression -----------------------------------------------------------------------------------
 
@@ -290,7 +290,7 @@ class PromptCompressor:
         scorer_ms, hit = 0.0, False
         kept = len(words)
         if not words or budget >= ctx_tokens:
-            compressed_ctx = context
+            compressed_ctx, ctx_out = context, ctx_tokens
         else:
             scores = self.word_scores(words)
             scorer_ms, hit = self.last_scorer_ms, self.last_cache_hit
@@ -298,13 +298,12 @@ class PromptCompressor:
             forced = tuple(force_tokens)
             force = [any(t in w for t in forced) for _, w in words] if forced else None
             keep = select(scores, costs, budget, force=force)
-            compressed_ctx = self._fit(words, scores, costs, keep, budget, force)
+            compressed_ctx, ctx_out = self._fit(words, scores, costs, keep, budget, force)
             kept = int(keep.sum())
         parts_in = [p for p in (instruction, context, question) if p]
         parts_out = [p for p in (instruction, compressed_ctx, question) if p]
         prompt_in, prompt_out = separator.join(parts_in), separator.join(parts_out)
         origin, compressed = self.count(prompt_in), self.count(prompt_out)
-        ctx_out = self.count(compressed_ctx)
         return {
             "compressed_prompt": prompt_out,
             "origin_tokens": origin,
