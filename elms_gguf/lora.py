@@ -186,7 +186,7 @@ def read_adapter(path: str | os.PathLike[str], *, model_id: str | None = None, l
     if level is not None and got_level != int(level):
         raise contract.ContractError(f"{path} is the adapter of level {got_level}, not of level {level}")
     tensors = {t.name: t for t in reader.tensors}
-    required = model.tensor_shapes(config)[0] if config is not None else None
+    required = model.tensor_shapes(config)[0] if config is not None else {}
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name in tensors:
         if not name.endswith(".lora_a"):
@@ -197,7 +197,7 @@ def read_adapter(path: str | os.PathLike[str], *, model_id: str | None = None, l
         # F16 files stay F16 here: model.forward then rounds activations the way ggml-cpu does for F16 weights
         a, b = (model.dequantize_tensor(t, torch.float16 if t.tensor_type == gguf.GGMLQuantizationType.F16
                                         else torch.float32) for t in (tensors[name], tensors[base + ".lora_b"]))
-        if required is not None and config is not None:
+        if config is not None:
             if base not in required:
                 raise contract.ContractError(f"{path}: adapter tensor {base}: the model has no such weight")
             n_out, n_in = required[base]
