@@ -181,11 +181,11 @@ def _lora_key(name: str) -> str:
 
 
 def _lora_delta(x: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor) -> torch.Tensor:
-    """``B @ A @ x`` as llama.cpp computes it: for F16 A/B (the default adapter storage) ggml-cpu rounds each
-    matmul's activations (x, then A x) to F16 before the dot products, so the reference does too."""
+    """``B @ A @ x`` as the patched llama.cpp computes a level adapter: for an F16 A (the default adapter storage)
+    ggml-cpu rounds the matmul's activations x to F16 before the dot products, so the reference does too; B is
+    applied as an outer product (``ggml_out_prod``) with A x kept in F32."""
     if A.dtype == torch.float16:
-        h = x.to(torch.float16).to(x.dtype) @ A.to(x.dtype).T
-        return h.to(torch.float16).to(x.dtype) @ Bm.to(x.dtype).T
+        x = x.to(torch.float16).to(x.dtype)
     return (x @ A.to(x.dtype).T) @ Bm.to(x.dtype).T
 
 

@@ -249,6 +249,39 @@ def test_f32_adapters_apply_like_f16_ones_at_twice_the_size(lora_model, tiny_ela
     assert not (tmp_path / "bad.gguf").exists()
 
 
+def _with_level0_adapter(tiny, adapter: lora.Adapter, work: Path) -> Path:
+    """A copy of the tiny elastic model whose level 0 runs ``adapter`` (written compact, F16)."""
+    cfg, w = tiny.config, tiny.weights
+    spec = ElasticSpec(levels=[Level(lv.ratio, list(lv.head_count_kv), list(lv.feed_forward_length), lv.achieved_ratio)
+                               for lv in tiny.spec.levels], anchors=tiny.spec.anchors, model_id=tiny.spec.model_id)
+    work.mkdir()
+    lora.write_adapter(work / "level0.lora.gguf", cfg, adapter, level=spec.levels[0])
+    lora.attach_adapters(spec, {0: str(work / "level0.lora.gguf")}, model_dir=str(work))
+    model.write_gguf(work / "m.gguf", cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
+    return work / "m.gguf"
+
+
+def test_adapter_scale_is_folded_into_b_exactly_and_other_scales_still_apply(lora_model, tiny_elastic_llama, tmp_path):
+    """The runtime multiplies alpha/r into the (transposed) B at load when that is exact (a power of two): alpha 16
+    at rank 8 must give, bit for bit, what alpha 8 (scale 1) with 2 B gives. A scale that is not a power of two
+    (alpha 12: 1.5) stays a graph op, and still matches PyTorch."""
+    _, adapters = lora_model
+    ad = adapters[0]
+    assert ad.alpha / ad.rank == 2.0
+    doubled = lora.Adapter(weights={k: (a, b * 2) for k, (a, b) in ad.weights.items()}, alpha=float(ad.rank),
+                           level=0, ratio=ad.ratio, model_id=ad.model_id)
+    odd = lora.Adapter(weights=ad.weights, alpha=12.0, level=0, ratio=ad.ratio, model_id=ad.model_id)
+    got, tokens = {}, {}  # the last 3 tokens are greedy: each run is compared on its own
+    for name, a in (("folded", ad), ("doubled", doubled), ("odd", odd)):
+        got[name], tokens[name] = logits_of(_with_level0_adapter(tiny_elastic_llama, a, tmp_path / name), level=0,
+                                            flash_attn=False, type_kv=GGML_TYPE_F32)
+    np.testing.assert_array_equal(got["folded"], got["doubled"])
+    level0 = tiny_elastic_llama.spec.levels[0]
+    _assert_close(got["odd"], _torch_logits(tiny_elastic_llama, tokens["odd"], level0, odd.as_forward_lora()))
+    _assert_close(got["folded"], _torch_logits(tiny_elastic_llama, tokens["folded"], level0, ad.as_forward_lora()))
+    assert np.abs(got["odd"] - got["folded"]).max() > 1e-3  # the scale is applied, not dropped
+
+
 def test_level_lora_is_kept_apart_from_no_lora_policy(lora_model, tiny_elastic_llama):
     path, _ = lora_model
     with_lora, _ = logits_of(path, level=0, flash_attn=False, type_kv=GGML_TYPE_F32)
