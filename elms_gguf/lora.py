@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 # the seven linears ELMS adapts (recipe: rank 8, alpha 16, all of them)
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
-# storage types of A/B (llama.cpp applies either; F16 is also what convert_lora_to_gguf.py writes by default).
-# B's rows are only r values long, too short for any block-quantized type.
-ADAPTER_TYPES = {"f16": np.float16, "f32": np.float32}
+# storage types of A/B: F16 (also what convert_lora_to_gguf.py writes by default) or F32 for both, or Q8_0 for A
+# with B in F16: B's rows in the file are only r values long, too short for a block type, but the runtime keeps a
+# level adapter's B transposed ({n_out, r}) and stores it in A's type, so with q8_0 both take 8.5 bits per value.
+ADAPTER_TYPES = ("f16", "f32", "q8_0")
 DEFAULT_ADAPTER_TYPE = "f16"
+_QT = gguf.GGMLQuantizationType
+_STORAGE = {"f16": (_QT.F16, _QT.F16), "f32": (_QT.F32, _QT.F32), "q8_0": (_QT.Q8_0, _QT.F16)}  # (A, B) in the file
 
 
 @dataclass
@@ -47,14 +50,17 @@ class Adapter:
     level: int
     ratio: float
     model_id: str
+    storage: str = ""  # the file's adapter type (read_adapter); "" for one built in memory
 
     @property
     def rank(self) -> int:
         return next(iter(self.weights.values()))[0].shape[0]
 
-    def as_forward_lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-        """The ``lora=`` argument of :func:`elms_gguf.model.forward`."""
-        return {name: (a, b, self.alpha / a.shape[0]) for name, (a, b) in self.weights.items()}
+    def as_forward_lora(self) -> dict[str, tuple]:
+        """The ``lora=`` argument of :func:`elms_gguf.model.forward` (with a Q8_0 adapter, the activations that
+        meet A are rounded through Q8_0 there, as ggml-cpu does)."""
+        act = ("q8_0",) if self.storage == "q8_0" else ()
+        return {name: (a, b, self.alpha / a.shape[0], *act) for name, (a, b) in self.weights.items()}
 
 
 def zero_pad(adapter_weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -95,14 +101,14 @@ def compact(adapter_weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]], co
 
 def write_adapter(path: str | os.PathLike[str], config: model.ModelConfig, adapter: Adapter, *,
                   dtype: str = DEFAULT_ADAPTER_TYPE, level: contract.Level | None = None) -> None:
-    """Write one level's adapter GGUF (A/B as ``dtype``, ``f16`` or ``f32``), atomically.
+    """Write one level's adapter GGUF (``dtype``: ``f16``, ``f32`` or ``q8_0``, see ADAPTER_TYPES), atomically.
 
     With ``level`` (the widths of the level it belongs to) the tensors are stored compact; without, zero-padded
     to the full weight shapes. Both run identically at that level; compact takes a fraction of the memory.
     """
     if dtype not in ADAPTER_TYPES:
         raise contract.ContractError(f"{os.fspath(path)}: adapter type {dtype!r} is not supported (use one of {', '.join(ADAPTER_TYPES)})")
-    np_type = ADAPTER_TYPES[dtype]
+    type_a, type_b = _STORAGE[dtype]
     if level is not None and len(level.head_count_kv) != config.n_layer:
         raise contract.ContractError(f"{os.fspath(path)}: level table has {len(level.head_count_kv)} layers, the model {config.n_layer}")
     weights = zero_pad(adapter.weights, config) if level is None else compact(adapter.weights, config, level)
@@ -117,8 +123,9 @@ def write_adapter(path: str | os.PathLike[str], config: model.ModelConfig, adapt
         w.add_uint32(contract.KEY_ADAPTER_LEVEL, int(adapter.level))
         w.add_float32(contract.KEY_ADAPTER_RATIO, float(adapter.ratio))
         for name, (a, b) in weights.items():
-            w.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a.numpy(), dtype=np_type))
-            w.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b.numpy(), dtype=np_type))
+            for suffix, t, qt in ((".lora_a", a, type_a), (".lora_b", b, type_b)):
+                data = model.encode_tensor(f"{os.fspath(path)}: {name}{suffix}", t, qt)
+                w.add_tensor(name + suffix, data, raw_dtype=qt if data.dtype == np.uint8 else None)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -188,15 +195,26 @@ def read_adapter(path: str | os.PathLike[str], *, model_id: str | None = None, l
     tensors = {t.name: t for t in reader.tensors}
     required = model.tensor_shapes(config)[0] if config is not None else {}
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    storage = {_STORAGE[k]: k for k in ADAPTER_TYPES}
+    kinds = set()
     for name in tensors:
         if not name.endswith(".lora_a"):
             continue
         base = name[: -len(".lora_a")]
         if base + ".lora_b" not in tensors:
             raise contract.ContractError(f"{path}: {name} has no matching {base}.lora_b")
+        ta, tb = tensors[name], tensors[base + ".lora_b"]
+        if (ta.tensor_type, tb.tensor_type) not in storage:
+            raise contract.ContractError(f"{path}: {base}: lora_a {ta.tensor_type.name} / lora_b {tb.tensor_type.name} "
+                                         f"is not an adapter storage elms-gguf writes ({', '.join(ADAPTER_TYPES)})")
+        kinds.add(storage[(ta.tensor_type, tb.tensor_type)])
         # F16 files stay F16 here: model.forward then rounds activations the way ggml-cpu does for F16 weights
         a, b = (model.dequantize_tensor(t, torch.float16 if t.tensor_type == gguf.GGMLQuantizationType.F16
-                                        else torch.float32) for t in (tensors[name], tensors[base + ".lora_b"]))
+                                        else torch.float32) for t in (ta, tb))
+        if ta.tensor_type == _QT.Q8_0 and b.shape[0] % contract.block_size(_QT.Q8_0) == 0:
+            # the runtime stores a level adapter's B transposed in A's type: each column of B through Q8_0
+            b = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(
+                np.ascontiguousarray(b.float().T.numpy()), _QT.Q8_0), _QT.Q8_0).T.copy())
         if config is not None:
             if base not in required:
                 raise contract.ContractError(f"{path}: adapter tensor {base}: the model has no such weight")
@@ -219,8 +237,11 @@ def read_adapter(path: str | os.PathLike[str], *, model_id: str | None = None, l
         weights[base] = (a, b)
     if not weights:
         raise contract.ContractError(f"{path}: adapter has no tensors")
+    if len(kinds) != 1:
+        raise contract.ContractError(f"{path}: tensors of mixed adapter types ({', '.join(sorted(kinds))})")
     return Adapter(weights=weights, alpha=float(fields[gguf.Keys.Adapter.LORA_ALPHA]), level=got_level,  # type: ignore[arg-type]
-                   ratio=float(fields.get(contract.KEY_ADAPTER_RATIO, 0.0)), model_id=got_id)  # type: ignore[arg-type]
+                   ratio=float(fields.get(contract.KEY_ADAPTER_RATIO, 0.0)), model_id=got_id,  # type: ignore[arg-type]
+                   storage=kinds.pop())
 
 
 def check_level_adapters(model_path: str | os.PathLike[str], *, config: model.ModelConfig | None = None,

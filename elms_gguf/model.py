@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 QT = GGMLQuantizationType
 VT = GGUFValueType
 
+# lora[weight name] = (A [r, in], B [out, r], scale) or (A, B, scale, act): act "q8_0" for a Q8_0-stored A
+LoraMap = Mapping[str, tuple]
+
 Weights = dict[str, torch.Tensor]
 KV = tuple[str, object, GGUFValueType, "GGUFValueType | None"]
 
@@ -180,17 +183,31 @@ def _lora_key(name: str) -> str:
     return name if name.endswith(".weight") else name + ".weight"
 
 
-def _lora_delta(x: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor) -> torch.Tensor:
+def _q8_0_round(x: torch.Tensor) -> torch.Tensor:
+    """``x`` through Q8_0 along its last dimension (blocks of 32), as ggml-cpu quantizes a Q8_0 matmul's input
+    (``quantize_row_q8_0``: scale amax/127 stored as F16, values x * (127/amax) rounded half to even, in F32)."""
+    blocks = x.detach().to(torch.float32).reshape(-1, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)  # torch.round: half to even, like _mm256_round_ps / vcvtnq
+    d = (amax / 127.0).to(torch.float16).to(torch.float32)
+    return (q * d).reshape(x.shape).to(x.dtype)
+
+
+def _lora_delta(x: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, act: str = "") -> torch.Tensor:
     """``B @ A @ x`` as the patched llama.cpp computes a level adapter: for an F16 A (the default adapter storage)
-    ggml-cpu rounds the matmul's activations x to F16 before the dot products, so the reference does too; B is
-    applied as an outer product (``ggml_out_prod``) with A x kept in F32."""
-    if A.dtype == torch.float16:
+    ggml-cpu rounds the matmul's activations x to F16 before the dot products, for a Q8_0 A (``act="q8_0"``)
+    through Q8_0, so the reference does too; B is applied as an outer product (``ggml_out_prod``) with A x kept
+    in F32."""
+    if act == "q8_0":
+        x = _q8_0_round(x)
+    elif A.dtype == torch.float16:
         x = x.to(torch.float16).to(x.dtype)
     return (x @ A.to(x.dtype).T) @ Bm.to(x.dtype).T
 
 
 def linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str,
-           lora: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None, *,
+           lora: LoraMap | None = None, *,
            rows: int | None = None, cols: int | None = None) -> torch.Tensor:
     """``x @ W[:rows, :cols].T (+ scale * B[:rows] @ A[:, :cols] x) (+ bias[:rows])`` -- one llama.cpp build_lora_mm.
 
@@ -200,8 +217,8 @@ def linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str,
     W = w[name][:rows, :cols]
     y = x @ W.T
     if lora is not None and name in lora:
-        A, Bm, scale = lora[name]
-        y = y + scale * _lora_delta(x, A[:, :cols], Bm[:rows])
+        A, Bm, scale, *act = lora[name]
+        y = y + scale * _lora_delta(x, A[:, :cols], Bm[:rows], *act)
     bias = w.get(name[: -len(".weight")] + ".bias")
     if bias is not None:
         y = y + bias[:rows]
@@ -209,7 +226,7 @@ def linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str,
 
 
 def attention(config: ModelConfig, w: Mapping[str, torch.Tensor], x: torch.Tensor, il: int, kv: int,
-              lora: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> torch.Tensor:
+              lora: LoraMap | None = None) -> torch.Tensor:
     """Causal GQA self-attention of layer ``il`` using its first ``kv`` KV heads (and their query groups)."""
     c, p = config, f"blk.{il}."
     B, T, _ = x.shape
@@ -229,7 +246,7 @@ def attention(config: ModelConfig, w: Mapping[str, torch.Tensor], x: torch.Tenso
 
 
 def feed_forward(w: Mapping[str, torch.Tensor], x: torch.Tensor, il: int, ff: int,
-                 lora: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None) -> torch.Tensor:
+                 lora: LoraMap | None = None) -> torch.Tensor:
     """SwiGLU FFN of layer ``il`` using its first ``ff`` neurons: down(silu(gate(x)) * up(x))."""
     p = f"blk.{il}."
     h = F.silu(linear(x, w, p + "ffn_gate.weight", lora, rows=ff)) * linear(x, w, p + "ffn_up.weight", lora, rows=ff)
@@ -255,13 +272,14 @@ def check_widths(config: ModelConfig, widths: Sequence[tuple[int, int]] | contra
 
 def forward(config: ModelConfig, weights: Mapping[str, torch.Tensor], tokens: torch.Tensor, *,
             widths: Sequence[tuple[int, int]] | contract.Level | None = None,
-            lora: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None,
+            lora: LoraMap | None = None,
             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Logits ``[..., T, n_vocab]`` for ``tokens`` ([T] or [B, T]) at positions 0..T-1.
 
     ``widths[il] = (kv, ff)`` runs layer ``il`` on the first ``kv`` KV heads and ``ff`` FFN neurons (0 skips the
     block: the residual passes through), as the patched llama.cpp does with prefix views. ``lora[name] =
-    (A [r, in], B [out, r], scale)`` adds ``scale * B @ A @ x`` to weight ``name`` (sliced like the weight).
+    (A [r, in], B [out, r], scale[, act])`` adds ``scale * B @ A @ x`` to weight ``name`` (sliced like the weight;
+    ``act`` models ggml's rounding of x for the adapter's storage, see ``_lora_delta``).
     Everything is computed in ``dtype`` (float64 for tight comparisons); the logits come back in ``dtype``.
     """
     c = config
@@ -281,8 +299,8 @@ def forward(config: ModelConfig, weights: Mapping[str, torch.Tensor], tokens: to
     head = "output.weight" if "output.weight" in w else "token_embd.weight"
     logits = x @ w[head].T
     if lora is not None and "output.weight" in lora:
-        A, Bm, scale = lora["output.weight"]
-        logits = logits + scale * _lora_delta(x, A, Bm)
+        A, Bm, scale, *act = lora["output.weight"]
+        logits = logits + scale * _lora_delta(x, A, Bm, *act)
     if "output.bias" in w:
         logits = logits + w["output.bias"]
     return logits[0] if squeeze else logits

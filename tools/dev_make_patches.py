@@ -29,8 +29,11 @@ This patch loads them onto the model (src/llama-elastic.{h,cpp}), validates them
 widths within the full sizes, nested levels, every column-sliced width whole blocks of the tensor's actual type:
 errors name the level, layer and tensor), loads and checks the per-level adapters (CRC-32, model id, level,
 and that every tensor covers what its level reads: llama_adapter_lora_init_elastic accepts adapters stored cut
-to their level's widths, which stock --lora adapters keep refusing, and keeps their B transposed, {n_out, r},
-with the scale alpha/r multiplied in when that is exact; the graph then needs one node per level adapter at a time),
+to their level's widths, which stock --lora adapters keep refusing, and keeps their B transposed, {n_out, r}, in
+A's type when A is block-quantized (Q8_0 adapters: B's own rows, r values, are too short for a block), with the
+scale alpha/r multiplied in when that is exact; the graph node budget counts one level's adapter, not all of them;
+the per-layer widths of a level, llama_elastic_level::layer(), are the one place the graph's views, the load-time
+block checks and the adapter coverage checks take them from),
 keeps the selected level in llama_cparams and exposes it in the C API:
 llama_model_n_elastic_levels, llama_model_elastic_ratio, llama_set_elastic_level, llama_set_elastic_ratio,
 llama_get_elastic_level, llama_elastic_last_error.
@@ -66,8 +69,8 @@ and qwen2 graphs use it and skip an attention or FFN block whose width is 0 (res
 attention neither writes nor reads its KV cache). build_attn reads a head prefix of the cache and
 llama_kv_cache::cpy_k/cpy_v write one. build_lora_mm finds adapters through view_src and slices A/B like the
 weight, and adds the level's own LoRA apart from the user's adapters, its transposed B as ggml_out_prod(B^T, (A x)^T)
-(vector FMAs along the output instead of one length-r dot product per output: that per-output dot was ~80% of
-LoRA's decode cost on CPU) and without a scale node when the scale is folded into B. The level is part of the
+(vector FMAs along the output instead of one length-r dot product per output: those dots and their loop were about
+two thirds of LoRA's decode cost on CPU, perf on SmolLM2 level 0.5) and without a scale node when the scale is folded into B. The level is part of the
 graph-reuse key.
 
 Why: this is what makes level k of one GGUF compute exactly what a physically truncated GGUF of the same widths
@@ -115,15 +118,16 @@ Why: so that the standard tools run and measure any level of an elastic GGUF.
     (
         "0005-ggml-cpu-out-prod-f16-convert-rows-once.patch",
         """\
-ggml-cpu: out_prod with an F16 src0 converts each src0 row once, with the SIMD converter
+ggml-cpu: out_prod with an F16 or quantized src0 converts each src0 row once
 
-What: ggml_compute_forward_out_prod_f16_f32 converted every src0 row to F32 once per dst row, with the scalar
-ggml_fp16_to_fp32_row of ggml-base; it now converts each row once per (thread, i2, i3) with
-ggml_cpu_fp16_to_fp32 and applies it to the thread's dst rows. Every dst row accumulates over the src0 rows in
+What: ggml_compute_forward_out_prod_f16_f32 / _q_f32 converted every src0 row to F32 once per dst row (F16 with the
+scalar ggml_fp16_to_fp32_row of ggml-base); they now convert each row once per (thread, i2, i3), F16 with the SIMD
+ggml_cpu_fp16_to_fp32, and apply it to the thread's dst rows. Every dst row accumulates over the src0 rows in
 the same order as before: results are bit-identical.
 
 Why: the elastic level adapters apply B as an outer product (patch 0002); the scalar conversion alone cost
-about as much as the rest of LoRA's decode overhead (perf on SmolLM2 level 0.5: 9 % of all samples).
+about as much as the rest of LoRA's decode overhead (perf on SmolLM2 level 0.5: 9 % of all samples), and a
+prefill of n tokens converted each row n times.
 """,
         ["ggml/src/ggml-cpu/ops.cpp"],
     ),

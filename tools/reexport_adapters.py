@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.model} is not an elastic GGUF")
     adapters = L.check_level_adapters(args.model, config=cfg)
     out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
     stem = os.path.splitext(os.path.basename(args.out))[0]
     written = {}
     for i, ad in adapters.items():
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                             level=None if args.padded else spec.levels[i])
     L.attach_adapters(spec, written, model_dir=out_dir)
     L.rewrite_spec(args.model, args.out, spec)
+    train_json = os.path.splitext(args.model)[0] + ".train.json"  # elms-train-lora's record (bench_lora --trained)
+    if os.path.exists(train_json):
+        shutil.copyfile(train_json, os.path.splitext(args.out)[0] + ".train.json")
     for i, p in written.items():
         print(f"level {i}: {p} ({os.path.getsize(p) / 2**20:.1f} MiB)")
     print(f"wrote {args.out}")
