@@ -68,10 +68,10 @@ What: llm_graph_context::build_elastic_layer() replaces a layer's weights by ggm
 and qwen2 graphs use it and skip an attention or FFN block whose width is 0 (residual passes; a skipped
 attention neither writes nor reads its KV cache). build_attn reads a head prefix of the cache and
 llama_kv_cache::cpy_k/cpy_v write one. build_lora_mm finds adapters through view_src and slices A/B like the
-weight, and adds the level's own LoRA apart from the user's adapters, its transposed B as ggml_out_prod(B^T, (A x)^T)
-(vector FMAs along the output instead of one length-r dot product per output: those dots and their loop were about
-two thirds of LoRA's decode cost on CPU, perf on SmolLM2 level 0.5) and without a scale node when the scale is folded into B. The level is part of the
-graph-reuse key.
+weight, and adds the level's own LoRA apart from the user's adapters: its transposed B as
+ggml_out_prod(B^T, (A x)^T) (vector FMAs along the output instead of one length-r dot product per output: those
+dots and their loop were about two thirds of LoRA's decode cost on CPU, perf on SmolLM2 level 0.5), with no scale
+node when the scale is folded into B. The level is part of the graph-reuse key.
 
 Why: this is what makes level k of one GGUF compute exactly what a physically truncated GGUF of the same widths
 computes in stock llama.cpp (tests compare logits bit for bit), without copying a single weight. Compute
