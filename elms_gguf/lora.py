@@ -34,8 +34,9 @@ TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "f
 # storage types of A/B: F16 (also what convert_lora_to_gguf.py writes by default) or F32 for both, or Q8_0 for A
 # with B in F16: B's rows in the file are only r values long, too short for a block type, but the runtime keeps a
 # level adapter's B transposed ({n_out, r}) and stores it in A's type, so with q8_0 both take 8.5 bits per value.
-ADAPTER_TYPES = ("f16", "f32", "q8_0")
-DEFAULT_ADAPTER_TYPE = "f16"
+# "auto" (the default): q8_0 where every A a compact adapter holds has whole Q8_0 blocks of columns, else f16.
+ADAPTER_TYPES = ("auto", "f16", "f32", "q8_0")
+DEFAULT_ADAPTER_TYPE = "auto"
 _QT = gguf.GGMLQuantizationType
 _STORAGE = {"f16": (_QT.F16, _QT.F16), "f32": (_QT.F32, _QT.F32), "q8_0": (_QT.Q8_0, _QT.F16)}  # (A, B) in the file
 
@@ -99,16 +100,34 @@ def compact(adapter_weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]], co
     return out
 
 
+def resolve_adapter_type(dtype: str, config: model.ModelConfig, level: contract.Level | None) -> str:
+    """The storage ``write_adapter`` uses for ``dtype``: ``auto`` is ``q8_0`` for a compact adapter (``level``
+    given) whose every A has whole Q8_0 blocks of columns at that level, else ``f16``; other types pass through."""
+    if dtype != "auto":
+        return dtype
+    if level is None:
+        return "f16"
+    dims, bs = config.dims(), contract.block_size(_QT.Q8_0)
+    for il in range(config.n_layer):
+        kv, ff = int(level.head_count_kv[il]), int(level.feed_forward_length[il])
+        for kind in TARGETS:
+            rows, cols = contract.active_shape(dims, kind, kv, ff)  # cols None: all n_embd inputs
+            if rows != 0 and cols != 0 and (dims.n_embd if cols is None else cols) % bs:
+                return "f16"
+    return "q8_0"
+
+
 def write_adapter(path: str | os.PathLike[str], config: model.ModelConfig, adapter: Adapter, *,
                   dtype: str = DEFAULT_ADAPTER_TYPE, level: contract.Level | None = None) -> None:
-    """Write one level's adapter GGUF (``dtype``: ``f16``, ``f32`` or ``q8_0``, see ADAPTER_TYPES), atomically.
+    """Write one level's adapter GGUF (``dtype``: ``auto``, ``f16``, ``f32`` or ``q8_0``, see ADAPTER_TYPES and
+    :func:`resolve_adapter_type`), atomically.
 
     With ``level`` (the widths of the level it belongs to) the tensors are stored compact; without, zero-padded
     to the full weight shapes. Both run identically at that level; compact takes a fraction of the memory.
     """
     if dtype not in ADAPTER_TYPES:
         raise contract.ContractError(f"{os.fspath(path)}: adapter type {dtype!r} is not supported (use one of {', '.join(ADAPTER_TYPES)})")
-    type_a, type_b = _STORAGE[dtype]
+    type_a, type_b = _STORAGE[resolve_adapter_type(dtype, config, level)]
     if level is not None and len(level.head_count_kv) != config.n_layer:
         raise contract.ContractError(f"{os.fspath(path)}: level table has {len(level.head_count_kv)} layers, the model {config.n_layer}")
     weights = zero_pad(adapter.weights, config) if level is None else compact(adapter.weights, config, level)
@@ -195,7 +214,7 @@ def read_adapter(path: str | os.PathLike[str], *, model_id: str | None = None, l
     tensors = {t.name: t for t in reader.tensors}
     required = model.tensor_shapes(config)[0] if config is not None else {}
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    storage = {_STORAGE[k]: k for k in ADAPTER_TYPES}
+    storage = {types: name for name, types in _STORAGE.items()}
     kinds = set()
     for name in tensors:
         if not name.endswith(".lora_a"):
@@ -206,7 +225,7 @@ def read_adapter(path: str | os.PathLike[str], *, model_id: str | None = None, l
         ta, tb = tensors[name], tensors[base + ".lora_b"]
         if (ta.tensor_type, tb.tensor_type) not in storage:
             raise contract.ContractError(f"{path}: {base}: lora_a {ta.tensor_type.name} / lora_b {tb.tensor_type.name} "
-                                         f"is not an adapter storage elms-gguf writes ({', '.join(ADAPTER_TYPES)})")
+                                         f"is not an adapter storage elms-gguf writes ({', '.join(_STORAGE)})")
         kinds.add(storage[(ta.tensor_type, tb.tensor_type)])
         # F16 files stay F16 here: model.forward then rounds activations the way ggml-cpu does for F16 weights
         a, b = (model.dequantize_tensor(t, torch.float16 if t.tensor_type == gguf.GGMLQuantizationType.F16

@@ -115,7 +115,7 @@ class TrainConfig:
     qa_max_tokens: int = PRESETS["demo"]["qa_max_tokens"]
     qa_sources: Sequence[str] = QA_SOURCES
     topk: int = 64
-    adapter_type: str = L.DEFAULT_ADAPTER_TYPE  # storage of A/B in the adapter GGUFs: f16 | f32 | q8_0
+    adapter_type: str = L.DEFAULT_ADAPTER_TYPE  # storage of A/B in the adapter GGUFs: auto | f16 | f32 | q8_0
     levels: Sequence[int] | None = None  # level indices to train (default: every level below full width)
     device: str = "auto"  # auto | cpu | cuda
     fast: bool = True  # bf16 frozen weights + autocast (float32 when False)
@@ -737,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qa-sources", default=",".join(QA_SOURCES), help="question sets (default: %(default)s)")
     p.add_argument("--topk", type=int, default=64, help="teacher log-probs kept per position (default: %(default)s)")
     p.add_argument("--adapter-type", choices=tuple(L.ADAPTER_TYPES), default=L.DEFAULT_ADAPTER_TYPE,
-                   help="storage of the adapters' A/B (default: %(default)s; f32 doubles their memory, q8_0 about halves it)")
+                   help="storage of the adapters' A/B (default: %(default)s = q8_0 where the level's widths are whole 32-blocks, "
+                        "else f16; q8_0 takes about half the memory of f16, f32 twice)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda (default: %(default)s)")
     p.add_argument("--precise", action="store_true", help="float32 training (default: bf16 weights + autocast)")
     p.add_argument("--threads", type=int, help="threads for llama.cpp answer generation and torch")

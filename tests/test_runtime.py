@@ -68,7 +68,7 @@ def uniform_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 @pytest.fixture(scope="session")
 def lora_model(tmp_path_factory, tiny_elastic_llama) -> tuple[Path, list[lora.Adapter]]:
-    """The tiny anchored elastic llama (F32) with a random adapter (F16, compact: the defaults) for levels 0 and 1."""
+    """The tiny anchored elastic llama (F32) with a random adapter (F16, compact) for levels 0 and 1."""
     d = tmp_path_factory.mktemp("lora")
     cfg, w, spec = tiny_elastic_llama.config, tiny_elastic_llama.weights, tiny_elastic_llama.spec
     spec = ElasticSpec(levels=[Level(lv.ratio, list(lv.head_count_kv), list(lv.feed_forward_length), lv.achieved_ratio)
@@ -78,7 +78,7 @@ def lora_model(tmp_path_factory, tiny_elastic_llama) -> tuple[Path, list[lora.Ad
     paths = {}
     for ad in adapters:
         paths[ad.level] = d / f"tiny-level{ad.level}.lora.gguf"
-        lora.write_adapter(paths[ad.level], cfg, ad, level=spec.levels[ad.level])
+        lora.write_adapter(paths[ad.level], cfg, ad, dtype="f16", level=spec.levels[ad.level])
     lora.attach_adapters(spec, paths, model_dir=str(d))
     path = d / "tiny-elastic-lora.gguf"
     model.write_gguf(path, cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
@@ -307,7 +307,7 @@ def _with_level0_adapter(tiny, adapter: lora.Adapter, work: Path) -> Path:
     spec = ElasticSpec(levels=[Level(lv.ratio, list(lv.head_count_kv), list(lv.feed_forward_length), lv.achieved_ratio)
                                for lv in tiny.spec.levels], anchors=tiny.spec.anchors, model_id=tiny.spec.model_id)
     work.mkdir()
-    lora.write_adapter(work / "level0.lora.gguf", cfg, adapter, level=spec.levels[0])
+    lora.write_adapter(work / "level0.lora.gguf", cfg, adapter, dtype="f16", level=spec.levels[0])
     lora.attach_adapters(spec, {0: str(work / "level0.lora.gguf")}, model_dir=str(work))
     model.write_gguf(work / "m.gguf", cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
     return work / "m.gguf"

@@ -49,7 +49,9 @@ def trained(tmp_path_factory, tiny_elastic_llama):
     d = tmp_path_factory.mktemp("train_lora")
     src = shutil.copyfile(tiny_elastic_llama.path, d / "tiny.gguf")
     before = _sha(src)
-    res = train_lora.train_all_levels(src, _cfg(tiny_elastic_llama.config), out=d / "tiny-lora.gguf")
+    # F16 storage: the comparisons with PyTorch below are then bound at 2e-4 (the default, Q8_0 on these widths, is
+    # checked end to end in test_convert_with_train_lora_writes_a_model_whose_levels_run_their_adapters)
+    res = train_lora.train_all_levels(src, _cfg(tiny_elastic_llama.config, adapter_type="f16"), out=d / "tiny-lora.gguf")
     return dict(src=Path(src), src_sha=before, res=res, tiny=tiny_elastic_llama,
                 adapters={r.level: lora.read_adapter(r.adapter_path, config=tiny_elastic_llama.config)
                           for r in res.levels})
@@ -360,8 +362,11 @@ def test_convert_with_train_lora_writes_a_model_whose_levels_run_their_adapters(
                             lora=adapters[0].as_forward_lora(), dtype=torch.float64).numpy()
         plain = model.forward(cfg_o, w_o, torch.tensor(tokens), widths=model.level_widths(spec.levels[0]),
                               dtype=torch.float64).numpy()
-    _assert_close(got, ref)
-    assert np.abs(ref - plain).max() > 1e-4  # control: the trained adapter changes the output
+    # the default storage on whole-block widths is Q8_0: bound at 1e-3 (see test_runtime's Q8_0 test), far below
+    # what the trained adapter changes (control)
+    assert adapters[0].storage == "q8_0"
+    _assert_close(got, ref, rtol=1e-3)
+    assert np.abs(ref - plain).max() > 0.1 * np.abs(ref).max()
 
 
 def test_convert_refuses_an_unknown_lora_preset_before_any_work(tmp_path, caplog):
