@@ -66,13 +66,31 @@ def uniform_files(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     return out
 
 
+def _spec_copy(tiny) -> ElasticSpec:
+    """A fresh copy of a tiny model's level table (no adapters named)."""
+    return ElasticSpec(levels=[Level(lv.ratio, list(lv.head_count_kv), list(lv.feed_forward_length), lv.achieved_ratio)
+                               for lv in tiny.spec.levels], anchors=tiny.spec.anchors, model_id=tiny.spec.model_id)
+
+
+def _with_level0_adapter(tiny, adapter: lora.Adapter, work: Path, *, dtype: str = "f16") -> tuple[Path, Path]:
+    """A copy of the tiny elastic model whose level 0 runs ``adapter`` (written compact as ``dtype``):
+    (model path, adapter path)."""
+    spec = _spec_copy(tiny)
+    work.mkdir(exist_ok=True)
+    ad = work / "m.level0.lora.gguf"
+    lora.write_adapter(ad, tiny.config, adapter, dtype=dtype, level=spec.levels[0])
+    lora.attach_adapters(spec, {0: str(ad)}, model_dir=str(work))
+    model.write_gguf(work / "m.gguf", tiny.config, tiny.weights, spec=spec,
+                     extra_kv=model.tiny_tokenizer_kv(tiny.config.n_vocab))
+    return work / "m.gguf", ad
+
+
 @pytest.fixture(scope="session")
 def lora_model(tmp_path_factory, tiny_elastic_llama) -> tuple[Path, list[lora.Adapter]]:
     """The tiny anchored elastic llama (F32) with a random adapter (F16, compact) for levels 0 and 1."""
     d = tmp_path_factory.mktemp("lora")
-    cfg, w, spec = tiny_elastic_llama.config, tiny_elastic_llama.weights, tiny_elastic_llama.spec
-    spec = ElasticSpec(levels=[Level(lv.ratio, list(lv.head_count_kv), list(lv.feed_forward_length), lv.achieved_ratio)
-                               for lv in spec.levels], anchors=spec.anchors, model_id=spec.model_id)
+    cfg, w = tiny_elastic_llama.config, tiny_elastic_llama.weights
+    spec = _spec_copy(tiny_elastic_llama)
     adapters = [lora.random_adapter(cfg, level=i, ratio=spec.levels[i].ratio, model_id=spec.model_id, seed=10 + i)
                 for i in (0, 1)]
     paths = {}
@@ -229,21 +247,15 @@ def test_level_lora_matches_merged_weights_in_pytorch_and_switches_with_the_leve
 def test_f32_adapters_apply_like_f16_ones_at_twice_the_size(lora_model, tiny_elastic_llama, tmp_path):
     """The adapter storage type is the user's choice: an F32 copy of level 0's adapter runs and matches PyTorch too."""
     path, adapters = lora_model
-    cfg, w = tiny_elastic_llama.config, tiny_elastic_llama.weights
-    spec = ElasticSpec(levels=[Level(lv.ratio, list(lv.head_count_kv), list(lv.feed_forward_length), lv.achieved_ratio)
-                               for lv in tiny_elastic_llama.spec.levels],
-                       anchors=tiny_elastic_llama.spec.anchors, model_id=tiny_elastic_llama.spec.model_id)
-    f32 = tmp_path / "m.level0.lora.gguf"
-    lora.write_adapter(f32, cfg, adapters[0], dtype="f32", level=spec.levels[0])
+    cfg = tiny_elastic_llama.config
+    m, f32 = _with_level0_adapter(tiny_elastic_llama, adapters[0], tmp_path, dtype="f32")
     f16 = Path(path).parent / "tiny-level0.lora.gguf"
     assert 1.9 < f32.stat().st_size / f16.stat().st_size < 2.1
-    lora.attach_adapters(spec, {0: str(f32)}, model_dir=str(tmp_path))
-    m = tmp_path / "m.gguf"
-    model.write_gguf(m, cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
     got, tokens = logits_of(m, level=0, flash_attn=False, type_kv=GGML_TYPE_F32)
     as_f32 = lora.read_adapter(f32, config=cfg)  # the same values (F16 -> F32 is exact), now F32 in llama.cpp
     assert all(a.dtype == torch.float32 for a, _ in as_f32.weights.values())
-    _assert_close(got, _torch_logits(tiny_elastic_llama, tokens, spec.levels[0], as_f32.as_forward_lora()))
+    _assert_close(got, _torch_logits(tiny_elastic_llama, tokens, tiny_elastic_llama.spec.levels[0],
+                                     as_f32.as_forward_lora()))
     with pytest.raises(contract.ContractError, match="adapter type 'q4_0' is not supported"):
         lora.write_adapter(tmp_path / "bad.gguf", cfg, adapters[0], dtype="q4_0")
     assert not (tmp_path / "bad.gguf").exists()
@@ -255,18 +267,12 @@ def test_q8_0_adapters_keep_a_and_b_in_8_bits_and_match_pytorch(lora_model, tiny
     whole Q8_0 blocks are refused: by the writer for a compact adapter, by the runtime for a padded one."""
     path, adapters = lora_model
     cfg, w = tiny_elastic_llama.config, tiny_elastic_llama.weights
-    spec = ElasticSpec(levels=[Level(lv.ratio, list(lv.head_count_kv), list(lv.feed_forward_length), lv.achieved_ratio)
-                               for lv in tiny_elastic_llama.spec.levels],
-                       anchors=tiny_elastic_llama.spec.anchors, model_id=tiny_elastic_llama.spec.model_id)
-    q8 = tmp_path / "m.level0.lora.gguf"
-    lora.write_adapter(q8, cfg, adapters[0], dtype="q8_0", level=spec.levels[0])
+    spec = _spec_copy(tiny_elastic_llama)
+    m, q8 = _with_level0_adapter(tiny_elastic_llama, adapters[0], tmp_path, dtype="q8_0")
     types = {t.name.rsplit(".", 1)[1]: t.tensor_type for t in model.open_gguf(q8).tensors}
     assert types == {"lora_a": QT.Q8_0, "lora_b": QT.F16}
     f16 = Path(path).parent / "tiny-level0.lora.gguf"
     assert 0.6 < q8.stat().st_size / f16.stat().st_size < 0.85
-    lora.attach_adapters(spec, {0: str(q8)}, model_dir=str(tmp_path))
-    m = tmp_path / "m.gguf"
-    model.write_gguf(m, cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
     got, tokens = logits_of(m, level=0, flash_attn=False, type_kv=GGML_TYPE_F32)
     back = lora.read_adapter(q8, config=cfg)
     assert back.storage == "q8_0"
@@ -301,18 +307,6 @@ def test_q8_0_adapters_keep_a_and_b_in_8_bits_and_match_pytorch(lora_model, tiny
     assert "layer 1: blk.1.ffn_" in msg and "not whole blocks of 32" in msg, msg
 
 
-def _with_level0_adapter(tiny, adapter: lora.Adapter, work: Path) -> Path:
-    """A copy of the tiny elastic model whose level 0 runs ``adapter`` (written compact, F16)."""
-    cfg, w = tiny.config, tiny.weights
-    spec = ElasticSpec(levels=[Level(lv.ratio, list(lv.head_count_kv), list(lv.feed_forward_length), lv.achieved_ratio)
-                               for lv in tiny.spec.levels], anchors=tiny.spec.anchors, model_id=tiny.spec.model_id)
-    work.mkdir()
-    lora.write_adapter(work / "level0.lora.gguf", cfg, adapter, dtype="f16", level=spec.levels[0])
-    lora.attach_adapters(spec, {0: str(work / "level0.lora.gguf")}, model_dir=str(work))
-    model.write_gguf(work / "m.gguf", cfg, w, spec=spec, extra_kv=model.tiny_tokenizer_kv(cfg.n_vocab))
-    return work / "m.gguf"
-
-
 def test_adapter_scale_is_folded_into_b_exactly_and_other_scales_still_apply(lora_model, tiny_elastic_llama, tmp_path):
     """The runtime multiplies alpha/r into the (transposed) B at load when that is exact (a power of two): alpha 16
     at rank 8 must give, bit for bit, what alpha 8 (scale 1) with 2 B gives. A scale that is not a power of two
@@ -325,7 +319,7 @@ def test_adapter_scale_is_folded_into_b_exactly_and_other_scales_still_apply(lor
     odd = lora.Adapter(weights=ad.weights, alpha=12.0, level=0, ratio=ad.ratio, model_id=ad.model_id)
     got, tokens = {}, {}  # the last 3 tokens are greedy: each run is compared on its own
     for name, a in (("folded", ad), ("doubled", doubled), ("odd", odd)):
-        got[name], tokens[name] = logits_of(_with_level0_adapter(tiny_elastic_llama, a, tmp_path / name), level=0,
+        got[name], tokens[name] = logits_of(_with_level0_adapter(tiny_elastic_llama, a, tmp_path / name)[0], level=0,
                                             flash_attn=False, type_kv=GGML_TYPE_F32)
     np.testing.assert_array_equal(got["folded"], got["doubled"])
     level0 = tiny_elastic_llama.spec.levels[0]
