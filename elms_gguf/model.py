@@ -195,10 +195,10 @@ def _q8_0_round(x: torch.Tensor) -> torch.Tensor:
 
 
 def _lora_delta(x: torch.Tensor, A: torch.Tensor, Bm: torch.Tensor, act: str = "") -> torch.Tensor:
-    """``B @ A @ x`` as the patched llama.cpp computes a level adapter: for an F16 A (the default adapter storage)
-    ggml-cpu rounds the matmul's activations x to F16 before the dot products, for a Q8_0 A (``act="q8_0"``)
-    through Q8_0, so the reference does too; B is applied as an outer product (``ggml_out_prod``) with A x kept
-    in F32."""
+    """``B @ A @ x`` as the patched llama.cpp computes a level adapter: for an F16 A ggml-cpu rounds the matmul's
+    activations x to F16 before the dot products, for a Q8_0 A (``act="q8_0"``) through Q8_0 (the caller's B
+    already holds the runtime's Q8_0 copy, see ``lora.read_adapter``), so the reference does too; B is applied as
+    an outer product (``ggml_out_prod``) with A x kept in F32."""
     if act == "q8_0":
         x = _q8_0_round(x)
     elif A.dtype == torch.float16:
