@@ -22,6 +22,10 @@ method              model
     python bench/bench_quality.py --methods dense,taylor,layerdrop --tasks arc_easy,sciq --limit 250
     python bench/bench_quality.py --report-only                      # rewrite docs/quality.md from the results
 
+    # more cores: build once, then one instance per core with disjoint --methods (one locked results file)
+    python bench/bench_quality.py --build-only --methods taylor,taylor+lora,layerdrop,layerdrop+lora
+    python bench/bench_quality.py --methods dense,taylor+lora &  python bench/bench_quality.py --methods layerdrop+lora
+
 Models are built once into ``--workdir`` (a file that exists is reused; its producing command is kept next to it
 in ``<model>.cmd.json``); evaluations resume from ``<workdir>/results.json``. Run it with ``nice``: it is hours of
 CPU for every method on the full task sets (see docs/quality.md for measured times).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import logging
 import math
@@ -182,13 +187,21 @@ def produce_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         else:
             raise SystemExit(f"unknown method {m!r} (choose from {', '.join(ALL_METHODS)})")
         for c in evals:
-            run(c, dry=args.dry_run, log_file=logf)
-        commands[m] = {"build": build, "eval": [shown(c) for c in evals]}
+            run(c, dry=args.dry_run or args.build_only, log_file=logf)
+        commands[m] = {"build": build, "eval": [] if args.build_only else [shown(c) for c in evals]}
     meta_path = work / "bench-commands.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    meta.update(commands)
-    if not args.dry_run:
-        meta_path.write_text(json.dumps(meta, indent=1))
+    if args.dry_run:
+        return commands
+    with open(str(meta_path) + ".lock", "w") as lock:  # several instances may run side by side (--build-only)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        for m, c in commands.items():  # runs over other levels add their evaluations to the method's list
+            old = meta.setdefault(m, {"build": [], "eval": []})
+            old["build"] = c["build"] or old.get("build", [])
+            old["eval"] = old.get("eval", []) + [x for x in c["eval"] if x not in old.get("eval", [])]
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, meta_path)
     return meta
 
 
@@ -485,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="markdown appended to the findings: observations a person wrote (default: %(default)s)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the results file")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--build-only", action="store_true",
+                   help="build the models (conversions, LoRA training), evaluate nothing: then run several "
+                        "instances with disjoint --methods to use more cores (they share the locked results file)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -497,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     else:
         meta = produce_and_evaluate(args)
-    if args.dry_run:
+    if args.dry_run or args.build_only:
         return 0
     write_report(args, meta)
     print(f"wrote {rel(args.doc)}")

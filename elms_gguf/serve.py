@@ -14,7 +14,10 @@ dense model at the full prompt length), :func:`~elms_gguf.orchestrate.decide` (l
 context with the scorer if needed (word scores are cached per context: apps resend the same instruction and
 examples, and a cached context costs no scorer time in the decision either), switch level (a pointer change),
 prefill from an empty KV cache and generate. The response is llama-cpp-python's OpenAI-shaped dict plus an
-``elms`` block: level, prompt ratio, predicted and measured TTFT/TPOT, scorer (TLM) time, SLO met or not.
+``elms`` block: level, prompt ratio, predicted and measured TTFT/TPOT, scorer (TLM) time, SLO met or not. With
+``stream=True`` the chunks come as llama-cpp-python streams them (the decision and compression are made at the
+call, the level is switched when the stream is first read), and the chunk carrying ``finish_reason`` also carries
+the ``elms`` block; its measured TTFT counts from the call, so read the stream at once.
 
 This class is the runtime's :class:`elms_gguf.runtime.ElasticLlama` plus keyword-only ``tlm=``, ``profile=``,
 ``scorer=``; without ``slo=``/``context=`` every call behaves exactly like the runtime class.
@@ -25,7 +28,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -301,6 +304,16 @@ class ElasticLlama(_RuntimeElasticLlama):
         }
 
     @staticmethod
+    def _stream(run: Callable[[], Iterator[dict[str, Any]]], elms: Callable[[], dict[str, Any]]
+                ) -> Iterator[dict[str, Any]]:
+        """The chunks of ``run()`` as they come; the chunk that finishes the choice also carries ``elms``."""
+        for chunk in run():
+            choices = chunk.get("choices") or [{}]
+            if choices[0].get("finish_reason") is not None:
+                chunk = {**chunk, "elms": elms()}
+            yield chunk
+
+    @staticmethod
     def _with_clock(kwargs: dict[str, Any], clock: TokenClock) -> None:
         lp = kwargs.get("logits_processor")
         lst = llama_cpp.LogitsProcessorList(list(lp) if lp is not None else [])
@@ -333,8 +346,6 @@ class ElasticLlama(_RuntimeElasticLlama):
             raise TypeError("pass create_completion options by keyword with context=/slo=")
         if not isinstance(prompt, str):
             raise TypeError("an SLO request needs a text prompt (token lists cannot be compressed)")
-        if kwargs.get("stream"):
-            raise ValueError("stream=True is not supported for SLO requests yet")
         if context is not None and not isinstance(context, str):
             context = context_separator.join(str(c) for c in context)
         ctx = context or ""
@@ -351,13 +362,22 @@ class ElasticLlama(_RuntimeElasticLlama):
                           best_effort=best_effort, n_decode=_n_intervals(kwargs.get("max_tokens", 16)))
         ctx2, sc_ms, hit = self._compress(ctx, d.prompt_ratio) if d.compress else (ctx, 0.0, False)
         text = join(ctx2, prompt)
-        self._prepare(d)
         clock = TokenClock()
         self._with_clock(kwargs, clock)
-        out = super().create_completion(text, **kwargs)
-        out["elms"] = self._elms_block(d, t0, clock, n_prompt=int(out["usage"]["prompt_tokens"]), n_original=n_full,
-                                       scorer_ms=sc_ms, cache_hit=hit, n_c_before=n_c,
-                                       n_c_after=self.count_tokens(ctx2))
+        complete = super().create_completion
+
+        def run() -> Any:
+            self._prepare(d)
+            return complete(text, **kwargs)
+
+        def elms(n_prompt: int) -> dict[str, Any]:
+            return self._elms_block(d, t0, clock, n_prompt=n_prompt, n_original=n_full, scorer_ms=sc_ms,
+                                    cache_hit=hit, n_c_before=n_c, n_c_after=self.count_tokens(ctx2))
+
+        if kwargs.get("stream"):
+            return self._stream(run, lambda: elms(clock.n_prompt or self.count_tokens(text, add_bos=True)))
+        out = run()
+        out["elms"] = elms(int(out["usage"]["prompt_tokens"]))
         return out
 
     # -- chat ---------------------------------------------------------------------------------------------
@@ -390,8 +410,6 @@ class ElasticLlama(_RuntimeElasticLlama):
             return super().create_chat_completion(messages, *args, **kwargs)
         if args:
             raise TypeError("pass create_chat_completion options by keyword with slo=")
-        if kwargs.get("stream"):
-            raise ValueError("stream=True is not supported for SLO requests yet")
         msgs = [dict(m) for m in messages]
         last_user = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=-1)
         roles = set(compress_roles)
@@ -415,13 +433,22 @@ class ElasticLlama(_RuntimeElasticLlama):
                 sc_ms += ms
                 hit = hit and h
             n_after += self.count_tokens(msgs[i]["content"])
-        self._prepare(d)
         clock = TokenClock()
         self._with_clock(kwargs, clock)
-        out = super().create_chat_completion(msgs, **kwargs)
-        out["elms"] = self._elms_block(d, t0, clock, n_prompt=int(out["usage"]["prompt_tokens"]), n_original=n_full,
-                                       scorer_ms=sc_ms, cache_hit=hit and d.compress, n_c_before=n_c,
-                                       n_c_after=n_after)
+        complete = super().create_chat_completion
+
+        def run() -> Any:
+            self._prepare(d)
+            return complete(msgs, **kwargs)
+
+        def elms(n_prompt: int) -> dict[str, Any]:
+            return self._elms_block(d, t0, clock, n_prompt=n_prompt, n_original=n_full, scorer_ms=sc_ms,
+                                    cache_hit=hit and d.compress, n_c_before=n_c, n_c_after=n_after)
+
+        if kwargs.get("stream"):
+            return self._stream(run, lambda: elms(clock.n_prompt or 0))
+        out = run()
+        out["elms"] = elms(int(out["usage"]["prompt_tokens"]))
         return out
 
 

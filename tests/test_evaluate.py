@@ -236,6 +236,34 @@ def test_kv_rollback_scores_equal_scoring_every_sequence_from_scratch(tiny_elast
 
 
 @pytest.mark.usefixtures("runtime")
+def test_cached_context_tokens_without_logits_are_evaluated_again_when_a_later_request_needs_them(tiny_elastic_llama):
+    """The fast path computes logits only where a continuation is predicted: a later request whose continuation
+    lies where an earlier request had context must not read the stale rows."""
+    llm = _open_f32(tiny_elastic_llama.path)
+    try:
+        toks = [1] + list(range(20, 40))
+        fast, slow = E.Scorer(llm, reuse=True), E.Scorer(llm, reuse=False)
+        fast.token_logprobs(toks[:15], toks[15:17])  # positions 0..13 cached as context only
+        before = fast.stats.tokens_reused
+        got = fast.token_logprobs(toks[:6], toks[6:10])  # needs logits at 5..8: cached, but without logits
+        assert fast.stats.tokens_reused - before == 5  # only the prefix before the first needed row was reused
+        np.testing.assert_allclose(got, slow.token_logprobs(toks[:6], toks[6:10]), rtol=0, atol=1e-5)
+        # and the rows it has now computed are reused by the next request over the same positions
+        before = fast.stats.tokens_reused
+        again = fast.token_logprobs(toks[:7], toks[7:10])
+        assert fast.stats.tokens_reused - before == 9
+        np.testing.assert_allclose(again, got[1:], rtol=0, atol=1e-6)
+        # another scorer on the same Llama overwrites positions 3.. as context only: this one must see it
+        E.Scorer(llm).token_logprobs(toks[:3] + [50] + toks[4:12], toks[12:13])
+        E.Scorer(llm).token_logprobs(toks[:12], toks[12:13])  # the original tokens again, still context only
+        before = fast.stats.tokens_reused
+        np.testing.assert_allclose(fast.token_logprobs(toks[:7], toks[7:10]), got[1:], rtol=0, atol=1e-6)
+        assert fast.stats.tokens_reused - before == 6
+    finally:
+        llm.close()
+
+
+@pytest.mark.usefixtures("runtime")
 def test_sequences_longer_than_the_context_keep_their_end(tiny_elastic_llama):
     llm = E.open_model(str(tiny_elastic_llama.path), n_ctx=32)
     try:

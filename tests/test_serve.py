@@ -101,8 +101,31 @@ def test_infeasible_slo(served):
     assert out["elms"]["ttft_met"] is False
     with pytest.raises(profile.SLOError):
         served.create_completion(prompt=QUESTION, slo=SLO(ttft_ms=-5))
-    with pytest.raises(ValueError, match="stream"):
-        served.create_completion(prompt=QUESTION, slo=SLO(100, 10), stream=True)
+
+
+def test_streamed_slo_requests_yield_the_same_text_and_end_with_the_elms_block(served):
+    slo = SLO.relative(0.6, 0.8)
+    kw = dict(prompt=QUESTION, context=CONTEXT, slo=slo, max_tokens=5, temperature=0.0)
+    served.create_completion(**kw)  # scores the context: both requests below plan with it cached
+    whole = served.create_completion(**kw)
+    served.set_level(-1)  # the stream must switch level itself
+    chunks = list(served.create_completion(**kw, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert [("elms" in c) for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1]["choices"][0]["finish_reason"] is not None
+    e, w = chunks[-1]["elms"], whole["elms"]
+    for key in ("level", "planned_prompt_ratio", "prompt_ratio", "prompt_tokens", "prompt_tokens_original",
+                "predicted_ttft_ms", "predicted_tpot_ms", "slo_ttft_ms", "slo_tpot_ms"):
+        assert e[key] == w[key], key
+    assert e["level"] == 1 and e["measured_ttft_ms"] > 0 and e["measured_tpot_ms"] > 0
+    # chat
+    msgs = [{"role": "system", "content": CONTEXT}, {"role": "user", "content": QUESTION}]
+    whole = served.create_chat_completion(msgs, slo=slo, max_tokens=4, temperature=0.0)
+    chunks = list(served.create_chat_completion(msgs, slo=slo, max_tokens=4, temperature=0.0, stream=True))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert "elms" in chunks[-1] and chunks[-1]["elms"]["prompt_tokens"] == whole["elms"]["prompt_tokens"]
+    assert chunks[-1]["elms"]["level"] == whole["elms"]["level"] == 1
 
 
 def test_chat_keeps_last_user_turn(served):
