@@ -406,7 +406,7 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any]) -> str:
     # ---- commands
     w("### Commands")
     w("")
-    w("Each model was produced and evaluated with these commands (run from the repository root, under `nice -n 10`; "
+    w("Each model was produced and evaluated with these commands (run from the repository root, under `nice`; "
       "`elms-eval` entries resume from the results file):")
     w("")
     w("```sh")
