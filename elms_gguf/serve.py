@@ -24,6 +24,7 @@ This class is the runtime's :class:`elms_gguf.runtime.ElasticLlama` plus keyword
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -303,15 +304,25 @@ class ElasticLlama(_RuntimeElasticLlama):
             "feasible": d.feasible, "reason": d.reason, "margins": [d.margin_ttft, d.margin_tpot],
         }
 
-    @staticmethod
-    def _stream(run: Callable[[], Iterator[dict[str, Any]]], elms: Callable[[], dict[str, Any]]
-                ) -> Iterator[dict[str, Any]]:
-        """The chunks of ``run()`` as they come; the chunk that finishes the choice also carries ``elms``."""
-        for chunk in run():
-            choices = chunk.get("choices") or [{}]
-            if choices[0].get("finish_reason") is not None:
-                chunk = {**chunk, "elms": elms()}
-            yield chunk
+    def _respond(self, d: O.Decision, complete: Callable[[], Any], block: Callable[..., dict[str, Any]], *,
+                 clock: TokenClock, stream: bool, n_prompt: Callable[[], int]) -> Any:
+        """Switch to the decided level, run ``complete()`` and add the ``elms`` block (``block(n_prompt=...)``): to
+        the response, or, streaming, to the chunk that finishes the choice (the level is switched when the stream
+        is first read)."""
+        if not stream:
+            self._prepare(d)
+            out = complete()
+            out["elms"] = block(n_prompt=int(out["usage"]["prompt_tokens"]))
+            return out
+
+        def chunks() -> Iterator[dict[str, Any]]:
+            self._prepare(d)
+            for chunk in complete():
+                if (chunk.get("choices") or [{}])[0].get("finish_reason") is not None:
+                    chunk = {**chunk, "elms": block(n_prompt=clock.n_prompt or n_prompt())}
+                yield chunk
+
+        return chunks()
 
     @staticmethod
     def _with_clock(kwargs: dict[str, Any], clock: TokenClock) -> None:
@@ -365,20 +376,10 @@ class ElasticLlama(_RuntimeElasticLlama):
         clock = TokenClock()
         self._with_clock(kwargs, clock)
         complete = super().create_completion
-
-        def run() -> Any:
-            self._prepare(d)
-            return complete(text, **kwargs)
-
-        def elms(n_prompt: int) -> dict[str, Any]:
-            return self._elms_block(d, t0, clock, n_prompt=n_prompt, n_original=n_full, scorer_ms=sc_ms,
-                                    cache_hit=hit, n_c_before=n_c, n_c_after=self.count_tokens(ctx2))
-
-        if kwargs.get("stream"):
-            return self._stream(run, lambda: elms(clock.n_prompt or self.count_tokens(text, add_bos=True)))
-        out = run()
-        out["elms"] = elms(int(out["usage"]["prompt_tokens"]))
-        return out
+        block = functools.partial(self._elms_block, d, t0, clock, n_original=n_full, scorer_ms=sc_ms, cache_hit=hit,
+                                  n_c_before=n_c, n_c_after=self.count_tokens(ctx2))
+        return self._respond(d, lambda: complete(text, **kwargs), block, clock=clock, stream=bool(kwargs.get("stream")),
+                             n_prompt=lambda: self.count_tokens(text, add_bos=True))
 
     # -- chat ---------------------------------------------------------------------------------------------
 
@@ -436,20 +437,10 @@ class ElasticLlama(_RuntimeElasticLlama):
         clock = TokenClock()
         self._with_clock(kwargs, clock)
         complete = super().create_chat_completion
-
-        def run() -> Any:
-            self._prepare(d)
-            return complete(msgs, **kwargs)
-
-        def elms(n_prompt: int) -> dict[str, Any]:
-            return self._elms_block(d, t0, clock, n_prompt=n_prompt, n_original=n_full, scorer_ms=sc_ms,
-                                    cache_hit=hit and d.compress, n_c_before=n_c, n_c_after=n_after)
-
-        if kwargs.get("stream"):
-            return self._stream(run, lambda: elms(clock.n_prompt or 0))
-        out = run()
-        out["elms"] = elms(int(out["usage"]["prompt_tokens"]))
-        return out
+        block = functools.partial(self._elms_block, d, t0, clock, n_original=n_full, scorer_ms=sc_ms,
+                                  cache_hit=hit and d.compress, n_c_before=n_c, n_c_after=n_after)
+        return self._respond(d, lambda: complete(msgs, **kwargs), block, clock=clock, stream=bool(kwargs.get("stream")),
+                             n_prompt=lambda: 0)
 
 
 # --------------------------------------------------------------------------------------------------
