@@ -11,6 +11,10 @@ method              model
 ``magnitude``       ``elms-convert --importance magnitude``
 ``taylor``          ``elms-convert --importance taylor`` (ours, before recovery)
 ``taylor+lora``     ``elms-train-lora`` on the taylor GGUF: each level runs with its own adapter (ours)
+``tasks``           ``elms-convert --importance taylor --select tasks``: candidate allocations chosen on question
+                    sets (ARC-Challenge, HellaSwag, SocialIQA, Winogrande, SQuAD answers) instead of the
+                    calibration loss (ours, before recovery)
+``tasks+lora``      ``elms-train-lora`` on the tasks GGUF (ours)
 ``layerdrop``       ``elms-convert --allocation layerdrop``: whole non-anchor layers removed in the order of the
                     converter's single-layer-skip ranking, each level exported as a **static** GGUF
                     (``--export-static``, stock llama.cpp ``deci`` layout) and evaluated as a plain model
@@ -55,8 +59,9 @@ from elms_gguf.convert import default_model_path  # noqa: E402
 
 log = logging.getLogger("bench_quality")
 
-ALL_METHODS = ("dense", "random", "magnitude", "taylor", "taylor+lora", "layerdrop", "layerdrop+lora")
-OURS = ("taylor+lora", "taylor")  # the first of these present is "ours" in the findings
+ALL_METHODS = ("dense", "random", "magnitude", "taylor", "taylor+lora", "tasks", "tasks+lora", "layerdrop",
+               "layerdrop+lora")
+OURS = ("tasks+lora", "taylor+lora", "tasks", "taylor")  # the first of these present is "ours" in the findings
 DEFAULT_LEVELS = "0.5,0.7,0.9"
 DEFAULT_CONVERT_LEVELS = "0.5,0.6,0.7,0.8,0.9,1.0"
 #: research/quality-feasibility.md section 7: per-level goals after recovery (PPL x dense, share of the margin)
@@ -154,9 +159,10 @@ def produce_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         evals: list[list[str]] = []
         if m == "dense":
             evals.append(["elms-eval", src, "--label", "dense", "--levels", "1.0"] + ev_common)
-        elif m in ("random", "magnitude", "taylor"):
+        elif m in ("random", "magnitude", "taylor", "tasks"):
             path = work / f"{m}.gguf"
-            build = built(path, [["elms-convert", src, "-o", str(path), "--levels", lvl(conv_levels), "--importance", m]
+            how = ["--importance", "taylor", "--select", "tasks"] if m == "tasks" else ["--importance", m]
+            build = built(path, [["elms-convert", src, "-o", str(path), "--levels", lvl(conv_levels)] + how
                                  + conv_common], dry=args.dry_run, log_file=logf)
             evals.append(["elms-eval", str(path), "--label", m, "--levels", lv_arg] + ev_common)
         elif m == "layerdrop":
@@ -171,7 +177,7 @@ def produce_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 a = ach.get(round(r, 6), r)
                 evals.append(["elms-eval", str(static), "--label", "layerdrop", "--ratio", f"{r:g}",
                               "--achieved-ratio", f"{a:.6f}"] + ev_common)
-        elif m in ("taylor+lora", "layerdrop+lora"):
+        elif m in ("taylor+lora", "tasks+lora", "layerdrop+lora"):
             base = m.split("+")[0]
             base_path = work / f"{base}.gguf"
             if not base_path.exists():
@@ -331,10 +337,12 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any]) -> str:
     w("### Findings")
     w("")
     if not present:
-        w("No `taylor` / `taylor+lora` results yet.")
+        w("No `tasks` / `taylor` (+lora) results yet.")
         w("")
     else:
-        w("Ours = `taylor+lora` where it was run, else `taylor` (no recovery). Differences of the primary-metric "
+        w("Ours = `tasks+lora` (allocations chosen on question sets, `elms-convert --select tasks`) and `taylor+lora` "
+          "(chosen on the calibration loss, the converter's default), and each without recovery where it was run. "
+          "Differences of the primary-metric "
           "average (points; paired over the same documents, ± one standard error; 'worse' / 'better' beyond two "
           "standard errors). A negative difference is a shortfall against the issue's goal 'ours >= every "
           "baseline'; a recovered model is compared with the baselines with and without the same recovery.")
@@ -347,7 +355,7 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any]) -> str:
                     continue
                 parts = []
                 for b in methods:
-                    if b == o or b == "dense" or lk not in data.get(b, {}) or (o == "taylor" and b.endswith("+lora")):
+                    if b == o or b == "dense" or lk not in data.get(b, {}) or (b.endswith("+lora") and not o.endswith("+lora")):
                         continue
                     bents = data[b][lk]
                     ds = [paired(ents[t], bents[t]) for t in tasks if t in ents and t in bents]

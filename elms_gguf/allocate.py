@@ -8,8 +8,11 @@ Three allocators, all producing nested levels that obey the contract's width rul
   parameter saved: drop the next KV group, the next FFN chunk (one quantization block of the ``ffn_down`` type), or
   a whole block / layer (width 0 = skipped: depth elasticity through the same mechanism), until the level's budget
   is met. Several move policies (attention cost multipliers, no skips, whole layers only) are run from the previous
-  level's widths and the candidate with the lowest *measured* calibration loss is kept, so levels are nested by
-  construction and the estimate's blind spot (how removals compound across layers) is settled by measurement.
+  level's widths and the candidate with the lowest *measured* loss is kept, so levels are nested by construction
+  and the estimate's blind spot (how removals compound across layers) is settled by measurement. The measured
+  loss is the calibration loss by default; ``elms-convert --select tasks`` measures question sets instead
+  (:class:`elms_gguf.measure.TaskProbe`), since on SmolLM2-135M the calibration loss does not rank candidates the
+  way multiple-choice accuracy does (docs/quality.md).
 * :func:`uniform`: ELMS' rule, the same kept fraction ``k = (L*r - A)/(L - A)`` in every non-anchor layer for KV
   groups and FFN, rounded as in quality-feasibility.md section 3.
 * :func:`layerdrop`: whole non-anchor layers removed in order of least single-skip loss (the LayerReduction
@@ -107,6 +110,9 @@ class Policy:
 #: the width policies won at least one level; "attention kept" and "x10 with skips" never did and were dropped.
 DEFAULT_POLICIES = (Policy(1.0), Policy(3.0), Policy(1.0, skips=False), Policy(3.0, skips=False),
                     Policy(10.0, skips=False), Policy(layers_only=True))
+#: with question sets as the criterion (elms-convert --select tasks) "attention kept" is tried again: whole heads of
+#: attention carry what in-context questions need more than the calibration loss shows
+TASK_POLICIES = DEFAULT_POLICIES + (Policy(float("inf")),)
 
 
 @dataclass
@@ -201,7 +207,8 @@ def searched(
     For each level, starting from the previous (larger) level's widths, every candidate ``policy`` runs a greedy
     segment: repeatedly take the move (next KV group, next FFN chunk, a whole block or the whole layer) with the least
     estimated loss increase per parameter saved until the level's budget is met. ``evaluate(widths)`` measures the
-    real calibration loss of each candidate and the best is kept (without ``evaluate`` only the first policy runs).
+    real loss of each candidate (calibration loss, or a question-set loss) and the best is kept (without
+    ``evaluate`` only the first policy runs).
     ``reference`` levels (by ratio; e.g. the uniform allocation) are one more candidate wherever they are still
     nested under the current widths, so the search never measures worse than them on the calibration set.
     Measuring whole candidates matters: single-layer cost estimates ignore how removals compound across layers
@@ -245,7 +252,7 @@ def searched(
             trace.levels.append({"ratio": r, "chosen": best[2][0].label(),
                                  "candidates": {" | ".join(p.label() for p in pl): loss for loss, _, pl in scored}})
         if len(scored) > 1:
-            log.info("level %g: kept '%s' (calib loss %.4f) of %s", r, best[2][0].label(), best[0],
+            log.info("level %g: kept '%s' (selection loss %.4f) of %s", r, best[2][0].label(), best[0],
                      ", ".join(f"{pl[0].label()}: {loss:.4f}" for loss, _, pl in sorted(scored, key=lambda t: t[0])))
         lv = Level(ratio=r, head_count_kv=[s[0] for s in state], feed_forward_length=[s[1] for s in state])
         lv.achieved_ratio = level_ratio(dims, lv, qkv_bias=qkv_bias)
@@ -332,4 +339,5 @@ def layerdrop(
     return out  # type: ignore[return-value]
 
 
-__all__ = ["ALLOCATIONS", "WidthGrid", "LayerCost", "SearchTrace", "searched", "uniform", "layerdrop"]
+__all__ = ["ALLOCATIONS", "DEFAULT_POLICIES", "TASK_POLICIES", "WidthGrid", "LayerCost", "SearchTrace", "searched",
+           "uniform", "layerdrop"]

@@ -69,6 +69,7 @@ PY_OUTTYPES = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "
 KQUANT_OUTTYPES = {"q2_k": "Q2_K", "q3_k_s": "Q3_K_S", "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L", "q4_k_s": "Q4_K_S",
                    "q4_k_m": "Q4_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 OUTTYPES = ("auto",) + tuple(PY_OUTTYPES) + tuple(KQUANT_OUTTYPES)
+SELECTS = ("calib", "tasks")
 QK_K = 256
 
 
@@ -94,6 +95,8 @@ class ConvertConfig:
     min_ffn_width: int | None = None  # smallest non-zero FFN width (None: auto_min_ffn_width; 0: any aligned width)
     fit_samples: int = 4  # blocks per type probed at mid width to fit the cost-curve exponent (0 = exponent 1)
     compare: bool = True  # also measure the other allocations at every level
+    select: str = "calib"  # what chooses between candidate allocations: calib (LM loss) | tasks (question sets)
+    select_questions: int = 48  # questions per set for select="tasks" (evaluate.selection_sets)
     export_static: Sequence[float] = ()  # ratios to export as standalone truncated GGUFs next to the output
     dry_run: bool = False
     fast: bool | None = None  # bf16 autocast for gradients and loss probes; None = where the CPU has bf16 matmuls
@@ -124,6 +127,7 @@ class LevelReport:
     bytes_per_token: int
     calib_loss: float | None = None
     heldout_loss: float | None = None
+    task_loss: float | None = None  # select="tasks": mean question-set loss relative to dense (1.0 = dense)
     compare: dict[str, dict[str, float]] = field(default_factory=dict)  # allocation -> {achieved, calib_loss, heldout_loss}
 
     def comparable(self, name: str, tol: float = 0.02) -> bool:
@@ -542,6 +546,10 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
             raise ConvertError(f"unknown LoRA preset {cfg.train_lora!r} (known: {', '.join(PRESETS)})")
     if cfg.allocation not in A.ALLOCATIONS:
         raise ConvertError(f"unknown allocation {cfg.allocation!r} (choose from {', '.join(A.ALLOCATIONS)})")
+    if cfg.select not in SELECTS:
+        raise ConvertError(f"unknown --select {cfg.select!r} (choose from {', '.join(SELECTS)})")
+    if cfg.select == "tasks" and cfg.select_questions < 1:
+        raise ConvertError(f"--select-questions must be >= 1, got {cfg.select_questions}")
     if cfg.outtype.lower() not in OUTTYPES:
         raise ConvertError(f"unknown --outtype {cfg.outtype!r} (choose from {', '.join(OUTTYPES)})")
     model_path = model if model is not None else default_model_path()
@@ -593,6 +601,9 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= mconfig.n_vocab):
             raise C.CalibError(f"{name} token ids outside the model's vocabulary [0, {mconfig.n_vocab})")
     log.info("calibration: %s", data.description)
+    if cfg.select == "tasks" and encode is None:
+        raise ConvertError(f"--select tasks tokenizes questions, but {cfg.tokenizer_from or model_path} has no "
+                           "tokenizer this converter can run (give --tokenizer-from GGUF)")
     n_probe = max(1, cfg.probe_samples)
     probe_rows = data.calib[:n_probe]
     # candidate allocations are compared on calibration rows the cost estimates did not see (less selection bias)
@@ -643,6 +654,22 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
     probe.r = runner_p  # same function: the dense residual stream cached for the probe batch stays valid
     select = measure.LossProbe(runner_p, select_rows) if select_rows is not probe_rows else probe
     t0 = lap("reorder", t0)
+    tasks_probe = None
+    if cfg.select == "tasks":  # question sets disjoint from elms-eval's default tasks choose the allocations
+        from . import evaluate as E
+
+        assert encode is not None and tok_source is not None
+        fields = tok_source.fields
+        start = fields.get("tokenizer.ggml.bos_token_id", fields.get("tokenizer.ggml.eos_token_id", 0))
+        sets = E.selection_sets(encode, start=int(start), per_task=cfg.select_questions)  # type: ignore[arg-type]
+        top = max(t for items in sets.values() for it in items for pair in it.pairs for part in pair for t in part)
+        if top >= mconfig.n_vocab:
+            raise ConvertError(f"the tokenizer of {tok_source.path} gives token id {top}, outside the model's "
+                               f"vocabulary [0, {mconfig.n_vocab}): --select tasks needs the model's own tokenizer")
+        tasks_probe = measure.TaskProbe(runner_p, sets)
+        log.info("allocations are chosen on question sets (%s; %d tokens), not the calibration loss",
+                 ", ".join(f"{k} {len(v)}" for k, v in sets.items()), tasks_probe.n_tokens)
+        t0 = lap("question sets", t0)
 
     # ---- allocation
     elastic = [il for il in range(dims.n_layer) if il not in anchors]
@@ -657,7 +684,8 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
     plans["uniform"] = A.uniform(dims, levels, anchors, grid, qkv_bias=mconfig.qkv_bias, allowed=allowed)
     if cfg.allocation == "searched" or cfg.compare:
         plans["searched"] = A.searched(dims, levels, costs, grid, qkv_bias=mconfig.qkv_bias, allowed=allowed,
-                                       evaluate=select.loss, trace=trace,
+                                       evaluate=select.loss if tasks_probe is None else tasks_probe.loss, trace=trace,
+                                       policies=A.DEFAULT_POLICIES if tasks_probe is None else A.TASK_POLICIES,
                                        reference={lv.ratio: lv for lv in plans["uniform"]})
     if cfg.allocation != "uniform" and not cfg.compare:
         del plans["uniform"]
@@ -707,7 +735,8 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
         cl, hl = measured[(cfg.allocation, lv.ratio)]
         rep = LevelReport(ratio=lv.ratio, achieved=float(lv.achieved_ratio or 0.0), head_count_kv=list(lv.head_count_kv),
                           feed_forward_length=list(lv.feed_forward_length), decoder_params=dec, total_params=tot,
-                          bytes_per_token=nb, calib_loss=cl, heldout_loss=hl)
+                          bytes_per_token=nb, calib_loss=cl, heldout_loss=hl,
+                          task_loss=tasks_probe.loss(M.level_widths(lv)) if tasks_probe is not None else None)
         for name, lvs in plans.items():
             if name == cfg.allocation:
                 continue
@@ -957,6 +986,9 @@ def _fmt_params(n: int) -> str:
 def format_table(res: ConvertResult) -> str:
     cols = ["level", "ratio", "achieved", "params (decoder / total)", "MB read/token", "calib loss", "held-out loss (ppl)"]
     others = sorted({k for lv in res.levels for k in lv.compare})
+    tasks = any(lv.task_loss is not None for lv in res.levels)
+    if tasks:
+        cols.insert(6, "task loss (x dense)")
     for o in others:
         cols.append(f"{o}: held-out (achieved)")
     if others:
@@ -967,6 +999,8 @@ def format_table(res: ConvertResult) -> str:
         row = [str(i), f"{lv.ratio:g}", f"{lv.achieved:.3f}",
                f"{_fmt_params(lv.decoder_params)} / {_fmt_params(lv.total_params)}", f"{lv.bytes_per_token / 1e6:.1f}",
                "-" if lv.calib_loss is None else f"{lv.calib_loss:.3f}", held]
+        if tasks:
+            row.insert(6, "-" if lv.task_loss is None else f"{lv.task_loss:.3f}")
         for o in others:
             c = lv.compare.get(o)
             row.append("-" if c is None else f"{c['heldout_loss']:.3f} ({c['achieved']:.3f})" + ("" if lv.comparable(o) else "*"))
@@ -1072,6 +1106,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "cannot load such a level as a truncated GGUF, so --export-static would refuse it)")
     g.add_argument("--fit-samples", type=int, default=4, help="mid-width probes per block type to fit the cost curve "
                    "(0: linear in dropped energy; default: %(default)s)")
+    g.add_argument("--select", default="calib", choices=SELECTS,
+                   help="what chooses between the searched allocation's candidates at each level: 'calib' (their "
+                        "calibration loss: best perplexity) or 'tasks' (questions of ARC-Challenge, HellaSwag, "
+                        "SocialIQA, Winogrande and SQuAD answers, none of elms-eval's default tasks: what "
+                        "multiple-choice accuracy rewards; every candidate is scored on ~37k question tokens: 757 s instead of 123 s "
+                        "for SmolLM2 on a shared 2-vCPU VM, docs/convert.md). Default: %(default)s")
+    g.add_argument("--select-questions", type=int, default=ConvertConfig.select_questions, metavar="N",
+                   help="questions per set for --select tasks (default: %(default)s)")
     g.add_argument("--no-compare", action="store_true", help="do not measure the other allocations")
     g.add_argument("--min-ffn-width", type=int, default=None, metavar="N",
                    help="keep each FFN block at 0 or at least N neurons (narrow ffn_down column prefixes read whole "
@@ -1112,6 +1154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             probe_samples=args.probe_samples, anchors=args.anchors, anchor_layers=anchor_layers,
             importance=args.importance, allocation=args.allocation, static_exportable=not args.allow_ffn_only_skip,
             fit_samples=args.fit_samples, min_ffn_width=args.min_ffn_width, compare=not args.no_compare, export_static=args.export_static,
+            select=args.select, select_questions=args.select_questions,
             dry_run=args.dry_run, fast=False if args.precise else None, seed=args.seed, quantize_bin=args.quantize_bin,
             tokenizer_from=args.tokenizer_from, name=args.name, train_lora=args.train_lora, progress=not args.no_progress and sys.stderr.isatty(),
         )

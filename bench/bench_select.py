@@ -1,0 +1,54 @@
+"""The question-set loss (``elms-convert --select tasks``'s criterion) of every level of elastic GGUFs, side by side.
+
+Each set's loss relative to the file's own dense level (1.0 = dense; :class:`elms_gguf.measure.TaskProbe`), on the
+weights as written (dequantized), with the converter's sets and seeds. Use it to see what a conversion selected on
+the calibration loss would have scored on the question sets, e.g.
+
+    python bench/bench_select.py bench/out/qfull/taylor.gguf bench/out/qfull/tasks.gguf bench/out/qfull/layerdrop.gguf
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from elms_gguf import contract, measure  # noqa: E402
+from elms_gguf import convert as CV  # noqa: E402
+from elms_gguf import evaluate as E  # noqa: E402
+from elms_gguf import model as M  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+", help="elastic GGUFs (with a BPE tokenizer, e.g. SmolLM2 conversions)")
+    p.add_argument("--questions", type=int, default=CV.ConvertConfig.select_questions, help="per set (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| model | level | achieved | loss (x dense) | " + " | ".join(E.SELECT_TASKS + E.SELECT_ANSWERS) + " |")
+    print("|---" * (4 + len(E.SELECT_TASKS) + len(E.SELECT_ANSWERS)) + "|")
+    for path in args.models:
+        cfg, w, src = CV.load_model(path)
+        spec = contract.read_spec(src.fields, source=path)
+        if spec is None:
+            raise SystemExit(f"{path}: no elms.* level table (not an elastic GGUF)")
+        encode, _ = CV.make_encoder(src, None)
+        if encode is None:
+            raise SystemExit(f"{path}: no BPE tokenizer the converter can run")
+        start = src.fields.get("tokenizer.ggml.bos_token_id", src.fields.get("tokenizer.ggml.eos_token_id", 0))
+        probe = measure.TaskProbe(measure.Runner(cfg, w, fast=True),
+                                  E.selection_sets(encode, start=int(start), per_task=args.questions))  # type: ignore[arg-type]
+        for lv in spec.levels:
+            if lv.ratio >= 1.0:
+                continue
+            d = probe.detail(M.level_widths(lv))
+            print(f"| {Path(path).name} | {lv.ratio:g} | {contract.level_ratio(cfg.dims(), lv, qkv_bias=cfg.qkv_bias):.3f} "
+                  f"| {sum(d.values()) / len(d):.3f} | " + " | ".join(f"{v:.3f}" for v in d.values()) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
