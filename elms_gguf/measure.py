@@ -158,8 +158,9 @@ class ChoiceProbe:
     A choice's score is the summed log-probability of its continuation tokens after its context (divided by its
     length in characters where ``per_char``). For multiple-choice items the probe's loss is the mean cross-entropy
     of the gold choice under a softmax over the choices' scores (each rescaled by the item's mean continuation
-    length, so per-character scores live on the scale of a log-likelihood): smooth, so a few hundred questions rank
-    candidate allocations, and it measures the discrimination multiple-choice benchmarks reward. For items with a
+    length, so per-character scores live on the scale of a log-likelihood): smoother than accuracy, and it measures
+    the discrimination multiple-choice benchmarks reward. Each choice is run with its own copy of the context
+    (simple, and the converter's question sets are short). For items with a
     single pair (a gold answer, e.g. SQuAD's span after its passage) the loss is the answer tokens' mean negative
     log-likelihood. A probe holds one kind or the other.
     """
@@ -196,7 +197,6 @@ class ChoiceProbe:
             i = j
         self.n_tokens = sum(len(q[2]) for q in seqs)
         self._memo: dict[tuple, tuple[float, float]] = {}
-        self.calls = 0
 
     @torch.no_grad()
     def logliks(self, widths: Sequence[tuple[int, int]] | None = None) -> list[list[float]]:
@@ -223,7 +223,6 @@ class ChoiceProbe:
         """(loss, accuracy) at ``widths``: lower loss is better; accuracy is NaN for single-answer items."""
         key = tuple(M.check_widths(self.r.config, widths))
         if key not in self._memo:
-            self.calls += 1
             lls = self.logliks(list(key))
             if self.answers:
                 n_tok = sum(len(it.pairs[0][1]) for it in self.items)
@@ -246,8 +245,8 @@ class ChoiceProbe:
 
 class TaskProbe:
     """Several :class:`ChoiceProbe` sets combined into one selection loss: the mean over sets of the set's loss
-    relative to the dense model's (1.0 = dense), so no set dominates by its scale (HellaSwag's choice
-    cross-entropy is ~10 nats, Winogrande's < 1)."""
+    relative to the dense model's (1.0 = dense), so no set dominates by its scale (a choice cross-entropy grows
+    with the continuations' length: HellaSwag's endings are sentences, Winogrande's a few words)."""
 
     def __init__(self, runner: Runner, sets: Mapping[str, Sequence[ChoiceItem]], *, max_tokens: int = 2048):
         if not sets:
@@ -257,7 +256,6 @@ class TaskProbe:
         for name, d in self.dense.items():
             if not d > 0:
                 raise ValueError(f"probe set {name!r}: dense loss {d} is not positive")
-        self.dense_loss = 1.0
         self.n_tokens = sum(p.n_tokens for p in self.probes.values())
 
     def detail(self, widths: Sequence[tuple[int, int]] | None = None) -> dict[str, float]:
