@@ -1,6 +1,8 @@
 """The question-set loss (``elms-convert --select tasks``'s criterion) of every level of elastic GGUFs, side by side.
 
-Each set's loss relative to the file's own dense level (1.0 = dense; :class:`elms_gguf.measure.TaskProbe`), on the
+Each set's loss relative to the file's own dense level (1.0 = dense, 2.0 = chance for a multiple-choice set;
+:class:`elms_gguf.measure.TaskProbe`; the sets the first file's dense model answers at chance are listed and not
+used for any file), on the
 weights as written (dequantized), with the converter's sets and seeds. Use it to see what a conversion selected on
 the calibration loss would have scored on the question sets, e.g.
 
@@ -28,8 +30,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print("| model | level | achieved | loss (x dense) | " + " | ".join(E.SELECT_TASKS + E.SELECT_ANSWERS) + " |")
-    print("|---" * (4 + len(E.SELECT_TASKS) + len(E.SELECT_ANSWERS)) + "|")
+    header = False
+    used: list[str] = []
     for path in args.models:
         cfg, w, src = CV.load_model(path)
         spec = contract.read_spec(src.fields, source=path)
@@ -39,8 +41,17 @@ def main() -> int:
         if encode is None:
             raise SystemExit(f"{path}: no BPE tokenizer the converter can run")
         start = src.fields.get("tokenizer.ggml.bos_token_id", src.fields.get("tokenizer.ggml.eos_token_id", 0))
-        probe = measure.TaskProbe(measure.Runner(cfg, w, fast=True),
-                                  E.selection_sets(encode, start=int(start), per_task=args.questions))  # type: ignore[arg-type]
+        sets = E.selection_sets(encode, start=int(start), per_task=args.questions)  # type: ignore[arg-type]
+        if header:  # the sets the first file's dense model answers above chance, for every file alike
+            sets = {k: v for k, v in sets.items() if k in used}
+        probe = measure.TaskProbe(measure.Runner(cfg, w, fast=True), sets, min_z=float("-inf") if header else 2.0)
+        used = list(probe.probes)
+        if not header:
+            for name, why in probe.dropped.items():
+                print(f"- {name} not used: {why}")
+            print("\n| model | level | achieved | loss (x dense) | " + " | ".join(probe.probes) + " |")
+            print("|---" * (4 + len(probe.probes)) + "|", flush=True)
+            header = True
         for lv in spec.levels:
             if lv.ratio >= 1.0:
                 continue

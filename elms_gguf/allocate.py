@@ -12,7 +12,8 @@ Three allocators, all producing nested levels that obey the contract's width rul
   and the estimate's blind spot (how removals compound across layers) is settled by measurement. The measured
   loss is the calibration loss by default; ``elms-convert --select tasks`` measures question sets instead
   (:class:`elms_gguf.measure.TaskProbe`), since on SmolLM2-135M the calibration loss does not rank candidates the
-  way multiple-choice accuracy does (docs/quality.md).
+  way multiple-choice accuracy does (docs/quality.md). With ``beam`` > 1 (``--select-beam``) whole nested chains
+  of levels are searched instead of one level at a time.
 * :func:`uniform`: ELMS' rule, the same kept fraction ``k = (L*r - A)/(L - A)`` in every non-anchor layer for KV
   groups and FFN, rounded as in quality-feasibility.md section 3.
 * :func:`layerdrop`: whole non-anchor layers removed in order of least single-skip loss (the LayerReduction
@@ -198,6 +199,7 @@ def searched(
     evaluate: Callable[[list[tuple[int, int]]], float] | None = None,
     policies: Sequence[Policy] = DEFAULT_POLICIES,
     reference: Mapping[float, Level] | None = None,
+    beam: int = 1,
     slack: float = 0.004,
     tolerance: float = 0.01,
     trace: SearchTrace | None = None,
@@ -214,47 +216,71 @@ def searched(
     Measuring whole candidates matters: single-layer cost estimates ignore how removals compound across layers
     (narrowing attention in many layers hurts far more than the sum of its single-layer costs).
 
+    ``beam`` > 1 searches nested *chains* instead of one level at a time: the ``beam`` chains with the lowest summed
+    loss over the levels so far are each extended, and the chain with the lowest sum over all levels wins. A level
+    that is best on its own can close doors below it (uniform widths at 0.9 leave no full-width FFN for 0.8 to
+    keep); a beam lets, e.g., a layer-drop 0.9 that is slightly worse survive if its descendants are better.
+    ``beam`` = 1 is the greedy level-by-level search. Cost: up to ``beam`` x the candidates measured.
+
     ``allowed(il, kv, ff)`` vetoes width pairs (e.g. the static-export rules); ``slack`` (fraction of decoder
     parameters) bounds how far a greedy move may undershoot the target, ``tolerance`` how far a candidate may.
     """
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
     ok = allowed or (lambda il, kv, ff: True)
     total = dims.n_layer * layer_params(dims, dims.n_head_kv, dims.n_ff, qkv_bias=qkv_bias)
-    state = [(dims.n_head_kv, dims.n_ff)] * dims.n_layer
     pols = list(policies) if evaluate is not None else list(policies)[:1]
-    out: list[Level] = []
-    for r in _targets_desc(ratios):
+
+    def achieved(widths: tuple) -> float:
+        return sum(layer_params(dims, kv, ff, qkv_bias=qkv_bias) for kv, ff in widths) / total
+
+    def candidates(state: tuple, r: float) -> dict[tuple, list[Policy]]:
         cands: dict[tuple, list[Policy]] = {}
         for pol in pols:
-            nxt = _segment(dims, state, r * total, costs, grid, pol, ok, qkv_bias, slack * total)
+            nxt = _segment(dims, list(state), r * total, costs, grid, pol, ok, qkv_bias, slack * total)
             if nxt is not None:
                 cands.setdefault(tuple(nxt), []).append(pol)
         ref = (reference or {}).get(r)
         if ref is not None and evaluate is not None:  # e.g. ELMS' uniform widths, where still nested under `state`
             w = tuple((min(kv, s[0]), min(ff, s[1])) for kv, ff, s in zip(ref.head_count_kv, ref.feed_forward_length, state))
-            got = sum(layer_params(dims, kv, ff, qkv_bias=qkv_bias) for kv, ff in w) / total
-            if all(ok(il, kv, ff) for il, (kv, ff) in enumerate(w)) and got <= r + slack + 1e-3:
+            if all(ok(il, kv, ff) for il, (kv, ff) in enumerate(w)) and achieved(w) <= r + slack + 1e-3:
                 cands.setdefault(w, []).append(Policy(reference=True))
         if not cands:
-            raise ContractError(f"cannot reach ratio {r}: no policy can remove enough parameters")
+            return cands
         # a candidate that overshoots the budget by more than `tolerance` (e.g. a whole layer where a few FFN chunks
         # were needed) is not a fair alternative: keep only those close to the target (or the closest, if none is)
-        def achieved(widths: tuple) -> float:
-            return sum(layer_params(dims, kv, ff, qkv_bias=qkv_bias) for kv, ff in widths) / total
         close = {w: pl for w, pl in cands.items() if achieved(w) >= r - tolerance}
-        cands = close or {max(cands, key=achieved): cands[max(cands, key=achieved)]}
-        scored = []
-        for widths, pl in cands.items():
-            loss = evaluate(list(widths)) if evaluate is not None and len(cands) > 1 else float("nan")
-            scored.append((loss, widths, pl))
-        best = min(scored, key=lambda t: (t[0] if t[0] == t[0] else 0.0))
-        state = list(best[1])
+        top = max(cands, key=achieved)
+        return close or {top: cands[top]}
+
+    # a chain: (summed loss, widths of its last level, its levels' records)
+    chains: list[tuple[float, tuple, list[dict]]] = [(0.0, tuple([(dims.n_head_kv, dims.n_ff)] * dims.n_layer), [])]
+    for r in _targets_desc(ratios):
+        per_parent = [(c, candidates(c[1], r)) for c in chains]
+        if not any(cands for _, cands in per_parent):
+            raise ContractError(f"cannot reach ratio {r}: no policy can remove enough parameters")
+        measure = evaluate is not None and len({w for _, cands in per_parent for w in cands}) > 1
+        grown: dict[tuple, tuple[float, tuple, list[dict]]] = {}
+        for (cum, _, hist), cands in per_parent:
+            scored = [(evaluate(list(w)) if measure else float("nan"), w, pl) for w, pl in cands.items()]  # type: ignore[misc]
+            for loss, w, pl in scored:
+                rec = {"ratio": r, "chosen": pl[0].label(), "loss": loss, "widths": w,
+                       "candidates": {" | ".join(p.label() for p in ps): x for x, _, ps in scored}}
+                total_loss = cum + (loss if loss == loss else 0.0)
+                if w not in grown or total_loss < grown[w][0]:  # the same widths from two parents: the better chain
+                    grown[w] = (total_loss, w, hist + [rec])
+        chains = sorted(grown.values(), key=lambda c: c[0])[:beam]
+        if measure:
+            best = chains[0][2][-1]
+            log.info("level %g: candidates %s; kept %s", r,
+                     ", ".join(f"{k}: {v:.4f}" for k, v in sorted(best["candidates"].items(), key=lambda kv: kv[1])),
+                     "; ".join(f"'{c[2][-1]['chosen']}' ({c[2][-1]['loss']:.4f}, chain sum {c[0]:.4f})" for c in chains))
+    out: list[Level] = []
+    for rec in chains[0][2]:
         if trace is not None:
-            trace.levels.append({"ratio": r, "chosen": best[2][0].label(),
-                                 "candidates": {" | ".join(p.label() for p in pl): loss for loss, _, pl in scored}})
-        if len(scored) > 1:
-            log.info("level %g: kept '%s' (selection loss %.4f) of %s", r, best[2][0].label(), best[0],
-                     ", ".join(f"{pl[0].label()}: {loss:.4f}" for loss, _, pl in sorted(scored, key=lambda t: t[0])))
-        lv = Level(ratio=r, head_count_kv=[s[0] for s in state], feed_forward_length=[s[1] for s in state])
+            trace.levels.append({k: rec[k] for k in ("ratio", "chosen", "candidates")})
+        lv = Level(ratio=rec["ratio"], head_count_kv=[w[0] for w in rec["widths"]],
+                   feed_forward_length=[w[1] for w in rec["widths"]])
         lv.achieved_ratio = level_ratio(dims, lv, qkv_bias=qkv_bias)
         out.append(lv)
     return out[::-1]

@@ -96,7 +96,8 @@ class ConvertConfig:
     fit_samples: int = 4  # blocks per type probed at mid width to fit the cost-curve exponent (0 = exponent 1)
     compare: bool = True  # also measure the other allocations at every level
     select: str = "calib"  # what chooses between candidate allocations: calib (LM loss) | tasks (question sets)
-    select_questions: int = 48  # questions per set for select="tasks" (evaluate.selection_sets)
+    select_questions: int = 64  # questions per set for select="tasks" (evaluate.selection_sets)
+    select_beam: int = 1  # nested chains kept while searching (allocate.searched's beam; 1 = level by level)
     export_static: Sequence[float] = ()  # ratios to export as standalone truncated GGUFs next to the output
     dry_run: bool = False
     fast: bool | None = None  # bf16 autocast for gradients and loss probes; None = where the CPU has bf16 matmuls
@@ -550,6 +551,8 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
         raise ConvertError(f"unknown --select {cfg.select!r} (choose from {', '.join(SELECTS)})")
     if cfg.select == "tasks" and cfg.select_questions < 1:
         raise ConvertError(f"--select-questions must be >= 1, got {cfg.select_questions}")
+    if cfg.select_beam < 1:
+        raise ConvertError(f"--select-beam must be >= 1, got {cfg.select_beam}")
     if cfg.outtype.lower() not in OUTTYPES:
         raise ConvertError(f"unknown --outtype {cfg.outtype!r} (choose from {', '.join(OUTTYPES)})")
     model_path = model if model is not None else default_model_path()
@@ -666,9 +669,14 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
         if top >= mconfig.n_vocab:
             raise ConvertError(f"the tokenizer of {tok_source.path} gives token id {top}, outside the model's "
                                f"vocabulary [0, {mconfig.n_vocab}): --select tasks needs the model's own tokenizer")
-        tasks_probe = measure.TaskProbe(runner_p, sets)
+        try:
+            tasks_probe = measure.TaskProbe(runner_p, sets)
+        except ValueError as e:
+            raise ConvertError(f"--select tasks: {e}") from None
+        for name, why in tasks_probe.dropped.items():
+            log.warning("question set %s is not used to select allocations: %s", name, why)
         log.info("allocations are chosen on question sets (%s; %d tokens), not the calibration loss",
-                 ", ".join(f"{k} {len(v)}" for k, v in sets.items()), tasks_probe.n_tokens)
+                 ", ".join(f"{k} {len(sets[k])}" for k in tasks_probe.probes), tasks_probe.n_tokens)
         t0 = lap("question sets", t0)
 
     # ---- allocation
@@ -686,7 +694,7 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
         plans["searched"] = A.searched(dims, levels, costs, grid, qkv_bias=mconfig.qkv_bias, allowed=allowed,
                                        evaluate=select.loss if tasks_probe is None else tasks_probe.loss, trace=trace,
                                        policies=A.DEFAULT_POLICIES if tasks_probe is None else A.TASK_POLICIES,
-                                       reference={lv.ratio: lv for lv in plans["uniform"]})
+                                       reference={lv.ratio: lv for lv in plans["uniform"]}, beam=cfg.select_beam)
     if cfg.allocation != "uniform" and not cfg.compare:
         del plans["uniform"]
     if cfg.allocation == "layerdrop" or cfg.compare:
@@ -1108,12 +1116,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0: linear in dropped energy; default: %(default)s)")
     g.add_argument("--select", default="calib", choices=SELECTS,
                    help="what chooses between the searched allocation's candidates at each level: 'calib' (their "
-                        "calibration loss: best perplexity) or 'tasks' (questions of ARC-Challenge, HellaSwag, "
-                        "SocialIQA, Winogrande and SQuAD answers, none of elms-eval's default tasks: what "
-                        "multiple-choice accuracy rewards; every candidate is scored on ~37k question tokens: 757 s instead of 123 s "
-                        "for SmolLM2 on a shared 2-vCPU VM, docs/convert.md). Default: %(default)s")
+                        "calibration loss: best perplexity) or 'tasks' (questions of ARC-Challenge, CommonsenseQA, "
+                        "HellaSwag, SocialIQA, Winogrande -- those the dense model answers clearly above chance, "
+                        "scored by the share of its accuracy margin kept -- and SQuAD answers; none is one of "
+                        "elms-eval's default tasks: what multiple-choice accuracy rewards, at several times the "
+                        "conversion time, docs/convert.md). Default: %(default)s")
     g.add_argument("--select-questions", type=int, default=ConvertConfig.select_questions, metavar="N",
                    help="questions per set for --select tasks (default: %(default)s)")
+    g.add_argument("--select-beam", type=int, default=ConvertConfig.select_beam, metavar="N",
+                   help="search nested chains of levels: keep the N chains with the lowest summed selection loss "
+                        "level by level, write the best whole chain (1: the best candidate at each level; N "
+                        "multiplies the candidates measured; default: %(default)s)")
     g.add_argument("--no-compare", action="store_true", help="do not measure the other allocations")
     g.add_argument("--min-ffn-width", type=int, default=None, metavar="N",
                    help="keep each FFN block at 0 or at least N neurons (narrow ffn_down column prefixes read whole "
@@ -1154,7 +1167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             probe_samples=args.probe_samples, anchors=args.anchors, anchor_layers=anchor_layers,
             importance=args.importance, allocation=args.allocation, static_exportable=not args.allow_ffn_only_skip,
             fit_samples=args.fit_samples, min_ffn_width=args.min_ffn_width, compare=not args.no_compare, export_static=args.export_static,
-            select=args.select, select_questions=args.select_questions,
+            select=args.select, select_questions=args.select_questions, select_beam=args.select_beam,
             dry_run=args.dry_run, fast=False if args.precise else None, seed=args.seed, quantize_bin=args.quantize_bin,
             tokenizer_from=args.tokenizer_from, name=args.name, train_lora=args.train_lora, progress=not args.no_progress and sys.stderr.isatty(),
         )

@@ -205,8 +205,10 @@ def select_docs(n: int, limit: int | None, seed: int = DEFAULT_SEED) -> list[int
 
 #: question sets that choose between candidate allocations in elms-convert (``--select tasks``): multiple-choice
 #: tasks plus SQuAD's gold answers after their passage (reading comprehension). None is in DEFAULT_TASKS or is the
-#: perplexity set, so what the converter selects on is never what elms-eval reports by default.
-SELECT_TASKS = ("arc_challenge", "hellaswag", "socialiqa", "winogrande")
+#: perplexity set, so what the converter selects on is never what elms-eval reports by default. The converter uses
+#: the multiple-choice sets its dense model answers clearly above chance (measure.TaskProbe); for SmolLM2-135M
+#: that leaves CommonsenseQA, HellaSwag and (on some draws) ARC-Challenge.
+SELECT_TASKS = ("arc_challenge", "csqa", "hellaswag", "socialiqa", "winogrande")
 SELECT_ANSWERS = ("squad",)
 SELECT_SEED = 4321  # not DEFAULT_SEED: another draw than elms-eval's --limit subsets of the same files
 _ANSWER_FILES = {"squad": "squad/bpb_5shot/requests.jsonl.gz"}  # 0-shot: each document's own passage + question

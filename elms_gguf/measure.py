@@ -197,6 +197,7 @@ class ChoiceProbe:
             i = j
         self.n_tokens = sum(len(q[2]) for q in seqs)
         self._memo: dict[tuple, tuple[float, float]] = {}
+        self._scores: dict[tuple, list[torch.Tensor]] = {}
 
     @torch.no_grad()
     def logliks(self, widths: Sequence[tuple[int, int]] | None = None) -> list[list[float]]:
@@ -219,21 +220,37 @@ class ChoiceProbe:
                     k += len(cont)
         return out
 
+    def choice_scores(self, widths: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """Per item, the choices' scores as accuracy ranks them (float64; per-character scores rescaled by the item's
+        mean continuation length, so they live on the scale of a log-likelihood)."""
+        key = tuple(M.check_widths(self.r.config, widths))
+        if key not in self._scores:
+            out = []
+            for it, ll in zip(self.items, self.logliks(list(key))):
+                s = torch.tensor(ll, dtype=torch.float64)
+                if it.per_char:
+                    ch = torch.tensor([max(1, c) for c in it.chars], dtype=torch.float64)
+                    s = s / ch * ch.mean()
+                out.append(s)
+            self._scores[key] = out
+        return self._scores[key]
+
+    @property
+    def chance(self) -> float:
+        """Expected accuracy of a uniform guess (mean of 1 / choices)."""
+        return sum(1.0 / len(it.pairs) for it in self.items) / len(self.items)
+
     def score(self, widths: Sequence[tuple[int, int]] | None = None) -> tuple[float, float]:
         """(loss, accuracy) at ``widths``: lower loss is better; accuracy is NaN for single-answer items."""
         key = tuple(M.check_widths(self.r.config, widths))
         if key not in self._memo:
-            lls = self.logliks(list(key))
             if self.answers:
+                lls = self.logliks(list(key))
                 n_tok = sum(len(it.pairs[0][1]) for it in self.items)
                 self._memo[key] = (-sum(ll[0] for ll in lls) / n_tok, float("nan"))
             else:
                 nll, hits = 0.0, 0
-                for it, ll in zip(self.items, lls):
-                    s = torch.tensor(ll, dtype=torch.float64)
-                    if it.per_char:
-                        ch = torch.tensor([max(1, c) for c in it.chars], dtype=torch.float64)
-                        s = s / ch * ch.mean()
+                for it, s in zip(self.items, self.choice_scores(list(key))):
                     nll -= float(s.log_softmax(0)[it.gold])
                     hits += int(int(s.argmax()) == it.gold)
                 self._memo[key] = (nll / len(self.items), hits / len(self.items))
@@ -242,25 +259,86 @@ class ChoiceProbe:
     def loss(self, widths: Sequence[tuple[int, int]] | None = None) -> float:
         return self.score(widths)[0]
 
+    def soft_accuracy(self, widths: Sequence[tuple[int, int]] | None = None, *, temperature: float = 1.0) -> float:
+        """Mean probability of the gold choice under a softmax over the choices' scores / ``temperature``: accuracy
+        made smooth. Unlike the cross-entropy it is bounded per question, so a few confidently wrong answers do not
+        dominate it, and flattening the scores moves it towards :attr:`chance` (down for a model above chance)."""
+        if self.answers:
+            raise ValueError("soft accuracy needs multiple-choice items")
+        return sum(float((s / temperature).softmax(0)[it.gold])
+                   for it, s in zip(self.items, self.choice_scores(widths))) / len(self.items)
+
+    def fit_temperature(self, widths: Sequence[tuple[int, int]] | None = None) -> float:
+        """The temperature that minimises the gold choices' cross-entropy at ``widths`` (default: dense), i.e. that
+        calibrates the softmax over choice scores (log-spaced grid, 1/64 to 1024)."""
+        if self.answers:
+            raise ValueError("a temperature needs multiple-choice items")
+        scores = self.choice_scores(widths)
+
+        def ce(t: float) -> float:
+            return -sum(float((s / t).log_softmax(0)[it.gold]) for it, s in zip(self.items, scores))
+
+        grid = [2.0 ** (k / 8) for k in range(-48, 81)]
+        return min(grid, key=ce)
+
 
 class TaskProbe:
-    """Several :class:`ChoiceProbe` sets combined into one selection loss: the mean over sets of the set's loss
-    relative to the dense model's (1.0 = dense), so no set dominates by its scale (a choice cross-entropy grows
-    with the continuations' length: HellaSwag's endings are sentences, Winogrande's a few words)."""
+    """Several :class:`ChoiceProbe` sets combined into one selection loss (1.0 = dense, lower is better).
 
-    def __init__(self, runner: Runner, sets: Mapping[str, Sequence[ChoiceItem]], *, max_tokens: int = 2048):
+    * A multiple-choice set counts only if the dense model answers it clearly above chance (accuracy at least
+      ``min_z`` binomial standard errors above :attr:`ChoiceProbe.chance`): on a set the model guesses, a pruned
+      model "improves" by guessing less confidently, which is noise for the selection (on SmolLM2-135M, Winogrande
+      and SocialIQA scored pruned levels *better* than dense by the choices' cross-entropy).
+    * A kept set's loss is ``1 + (dense - level) / (dense - chance)`` on the soft accuracy
+      (:meth:`ChoiceProbe.soft_accuracy` at the temperature that calibrates the dense model): 1 at dense, 2 at
+      chance, i.e. 2 minus the share of the dense model's margin over chance the level keeps -- the quantity the
+      quality goals are stated in.
+    * A gold-answer set's loss is the answer tokens' mean NLL relative to dense.
+
+    The selection loss is the mean over the kept sets; :attr:`dropped` names the others and why.
+    """
+
+    def __init__(self, runner: Runner, sets: Mapping[str, Sequence[ChoiceItem]], *, max_tokens: int = 2048,
+                 min_z: float = 2.0):
         if not sets:
             raise ValueError("TaskProbe needs at least one set")
-        self.probes = {name: ChoiceProbe(runner, items, max_tokens=max_tokens) for name, items in sets.items()}
-        self.dense = {name: p.loss(None) for name, p in self.probes.items()}
-        for name, d in self.dense.items():
-            if not d > 0:
-                raise ValueError(f"probe set {name!r}: dense loss {d} is not positive")
+        self.probes: dict[str, ChoiceProbe] = {}
+        self.dense: dict[str, float] = {}
+        self.temperature: dict[str, float] = {}
+        self.dropped: dict[str, str] = {}
+        for name, items in sets.items():
+            p = ChoiceProbe(runner, items, max_tokens=max_tokens)
+            if p.answers:
+                d = p.loss(None)
+                if not d > 0:
+                    raise ValueError(f"probe set {name!r}: dense loss {d} is not positive")
+            else:
+                acc, chance = p.score(None)[1], p.chance
+                z = (acc - chance) / math.sqrt(chance * (1 - chance) / len(p.items))
+                if z < min_z:
+                    self.dropped[name] = (f"dense accuracy {acc:.3f} is not clearly above chance {chance:.3f} "
+                                          f"(z {z:.2f} < {min_z:g}) on {len(p.items)} questions")
+                    continue
+                self.temperature[name] = p.fit_temperature(None)
+                d = p.soft_accuracy(None, temperature=self.temperature[name])
+                if d <= chance + 1e-3:  # calibrated soft accuracy at chance: no margin to keep
+                    self.dropped[name] = f"dense soft accuracy {d:.3f} is not above chance {chance:.3f}"
+                    continue
+            self.probes[name], self.dense[name] = p, d
+        if not self.probes:
+            raise ValueError("no question set is usable: " + "; ".join(f"{k}: {v}" for k, v in self.dropped.items()))
         self.n_tokens = sum(p.n_tokens for p in self.probes.values())
 
     def detail(self, widths: Sequence[tuple[int, int]] | None = None) -> dict[str, float]:
-        """Each set's loss relative to dense at ``widths``."""
-        return {name: p.loss(widths) / self.dense[name] for name, p in self.probes.items()}
+        """Each kept set's loss at ``widths`` (1.0 = dense)."""
+        out = {}
+        for name, p in self.probes.items():
+            if p.answers:
+                out[name] = p.loss(widths) / self.dense[name]
+            else:
+                soft = p.soft_accuracy(widths, temperature=self.temperature[name])
+                out[name] = 1.0 + (self.dense[name] - soft) / (self.dense[name] - p.chance)
+        return out
 
     def loss(self, widths: Sequence[tuple[int, int]] | None = None) -> float:
         d = self.detail(widths)

@@ -11,6 +11,7 @@ What is proven here:
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -274,6 +275,39 @@ def test_searched_allocation_rules(blocks, min_ffn):
         free = A.searched(SMOL, RATIOS, _synthetic_costs(A.WidthGrid(SMOL, 32, 32)), A.WidthGrid(SMOL, 32, 32),
                           allowed=ok, evaluate=evaluate, trace=A.SearchTrace())
         assert any(0 < ff < min_ffn for lv in free for ff in lv.feed_forward_length)
+
+
+def _hashed_loss(widths) -> float:
+    """A deterministic stand-in loss with no structure a greedy search could exploit (a hash of the widths)."""
+    import hashlib
+
+    h = hashlib.sha256(repr(tuple(map(tuple, widths))).encode()).digest()
+    return int.from_bytes(h[:4], "little") / 2**32
+
+
+def test_searched_beam_finds_the_nested_chain_with_the_least_summed_loss():
+    """beam=1 keeps the best candidate at each level; a wide beam is exact dynamic programming over the candidate
+    chains (the future of a chain depends only on its last widths), so it never sums more, and here strictly less."""
+    grid = A.WidthGrid(SMOL, 32, 32)
+    ratios = RATIOS
+    costs = _synthetic_costs(grid)
+
+    def run(beam):
+        trace = A.SearchTrace()
+        levels = A.searched(SMOL, ratios, costs, grid, evaluate=_hashed_loss, beam=beam, trace=trace)
+        for a, b in zip(levels, levels[1:]):  # nested whatever the beam
+            assert all(x <= y for x, y in zip(a.head_count_kv + a.feed_forward_length, b.head_count_kv + b.feed_forward_length))
+        return sum(_hashed_loss(M.level_widths(lv)) for lv in levels), trace
+
+    greedy, trace = run(1)
+    for lv in trace.levels:  # level by level: the kept candidate is the best of its level
+        if len(lv["candidates"]) > 1:  # (one candidate, e.g. level 1.0, is not measured)
+            assert lv["candidates"][next(k for k in lv["candidates"] if lv["chosen"] in k.split(" | "))] == min(lv["candidates"].values())
+    sums = {b: run(b)[0] for b in (2, 4, 10_000)}
+    assert sums[10_000] <= min(greedy, sums[2], sums[4])
+    assert sums[10_000] < greedy  # the hashed loss sets traps a level-by-level search falls into
+    with pytest.raises(ValueError, match="beam must be >= 1"):
+        A.searched(SMOL, ratios, costs, grid, evaluate=_hashed_loss, beam=0)
 
 
 def test_default_min_ffn_width_keeps_ffn_down_rows_at_160_bytes_at_most_a_quarter_of_the_ffn():
@@ -607,18 +641,53 @@ def test_choice_probe_scores_questions_as_the_reference_forward_does(arch):
         measure.ChoiceProbe(runner, mc + answers)
 
 
-def test_task_probe_is_the_mean_loss_relative_to_dense():
+def _rescaled(it, ll):
+    s = torch.tensor(ll, dtype=torch.float64)
+    if it.per_char:
+        ch = torch.tensor(it.chars, dtype=torch.float64)
+        s = s / ch * ch.mean()
+    return s
+
+
+def test_task_probe_keeps_sets_above_chance_and_measures_the_margin_kept():
+    """A multiple-choice set the dense model answers well counts as 2 - (share of the dense soft-accuracy margin
+    over chance kept), at the temperature that calibrates dense; a set it answers at chance is dropped, named; an
+    answer set counts as its NLL relative to dense; the selection loss is the mean."""
     config = M.tiny_config("llama")
     w = M.random_weights(config, seed=7)
     runner = measure.Runner(config, w, fast=False)
     mc, answers = _random_items(config.n_vocab, seed=2)
-    tp = measure.TaskProbe(runner, {"mc": mc, "answers": answers})
+    mc = mc * 6  # 30 questions: enough for the z test
+    dense_ll = measure.ChoiceProbe(measure.Runner(config, w, fast=False), mc).logliks(None)
+    ranked = [sorted(range(len(it.pairs)), key=lambda c: -float(_rescaled(it, ll)[c])) for it, ll in zip(mc, dense_ll)]
+    # gold = dense's first choice on 2 of 3 questions, its second otherwise: well above chance, not perfect
+    good = [dataclasses.replace(it, gold=r[0] if i % 3 else r[1]) for i, (it, r) in enumerate(zip(mc, ranked))]
+    bad = [dataclasses.replace(it, gold=r[-1]) for it, r in zip(mc, ranked)]  # dense always wrong
+    tp = measure.TaskProbe(runner, {"good": good, "bad": bad, "answers": answers})
+    assert list(tp.probes) == ["good", "answers"] and "not clearly above chance" in tp.dropped["bad"]
     assert tp.loss(None) == pytest.approx(1.0)
+
     widths = [(1, 512), (2, 128), (0, 0), (2, 256)]
-    alone = {k: measure.ChoiceProbe(measure.Runner(config, w, fast=False), v) for k, v in (("mc", mc), ("answers", answers))}
-    rel = {k: p.loss(widths) / p.loss(None) for k, p in alone.items()}
-    assert tp.detail(widths) == pytest.approx(rel, rel=1e-9)
-    assert tp.loss(widths) == pytest.approx((rel["mc"] + rel["answers"]) / 2, rel=1e-9)
+    alone = measure.ChoiceProbe(measure.Runner(config, w, fast=False), good)
+    t = tp.temperature["good"]
+
+    def ce(temp):
+        return -sum(float((_rescaled(it, ll) / temp).log_softmax(0)[it.gold]) for it, ll in zip(good, dense_ll))
+
+    assert ce(t) <= min(ce(t * 2 ** 0.125), ce(t / 2 ** 0.125)) + 1e-12  # the calibrating temperature (grid optimum)
+
+    def soft(lls):
+        return sum(float((_rescaled(it, ll) / t).softmax(0)[it.gold]) for it, ll in zip(good, lls)) / len(good)
+
+    chance = sum(1 / len(it.pairs) for it in good) / len(good)
+    d, lvl = soft(dense_ll), soft(alone.logliks(widths))
+    want_mc = 1 + (d - lvl) / (d - chance)
+    aprobe = measure.ChoiceProbe(measure.Runner(config, w, fast=False), answers)
+    want_a = aprobe.loss(widths) / aprobe.loss(None)
+    assert tp.detail(widths) == pytest.approx({"good": want_mc, "answers": want_a}, rel=1e-9)
+    assert tp.loss(widths) == pytest.approx((want_mc + want_a) / 2, rel=1e-9)
+    with pytest.raises(ValueError, match="no question set is usable: bad: dense accuracy"):
+        measure.TaskProbe(runner, {"bad": bad})
 
 
 @needs_olmo
@@ -683,4 +752,6 @@ def test_select_tasks_refuses_a_tokenizer_it_cannot_run_or_that_does_not_fit_the
                                                                               tokenizer_from=CV.default_model_path()))
     with pytest.raises(CV.ConvertError, match="unknown --select"):
         CV.convert(str(src), str(tmp_path / "e.gguf"), config=_tiny_cfg(select="accuracy"))
+    with pytest.raises(CV.ConvertError, match="--select-beam must be >= 1, got 0"):
+        CV.convert(str(src), str(tmp_path / "e.gguf"), config=_tiny_cfg(select_beam=0))
     assert _outputs(tmp_path) == ["tiny.gguf"]
