@@ -23,13 +23,34 @@ from elms_gguf import evaluate as E  # noqa: E402
 from elms_gguf import model as M  # noqa: E402
 
 
+def dense_table(path: str, questions: int) -> int:
+    cfg, w, src = CV.load_model(path)
+    encode, _ = CV.make_encoder(src, None)
+    if encode is None:
+        raise SystemExit(f"{path}: no BPE tokenizer the converter can run")
+    start = src.fields.get("tokenizer.ggml.bos_token_id", src.fields.get("tokenizer.ggml.eos_token_id", 0))
+    runner = measure.Runner(cfg, w, fast=True)
+    print("| set | questions | dense accuracy | chance | z |\n|---|---|---|---|---|")
+    for name in E.SELECT_TASKS:
+        probe = measure.ChoiceProbe(runner, E.choice_items(encode, start=int(start), tasks=(name,), per_task=questions))
+        acc, chance = probe.score(None)[1], probe.chance
+        z = (acc - chance) / (chance * (1 - chance) / len(probe.items)) ** 0.5
+        print(f"| {name} | {len(probe.items)} | {100 * acc:.1f} | {100 * chance:.1f} | {z:.2f} |", flush=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="elastic GGUFs (with a BPE tokenizer, e.g. SmolLM2 conversions)")
     p.add_argument("--questions", type=int, default=CV.ConvertConfig.select_questions, help="per set (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dense", action="store_true",
+                   help="only print the first model's dense accuracy on every set vs chance (what gates the sets); "
+                        "any GGUF the converter reads, elastic or not")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.dense:
+        return dense_table(args.models[0], args.questions)
     header = False
     used: list[str] = []
     for path in args.models:
