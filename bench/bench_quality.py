@@ -62,9 +62,10 @@ from elms_gguf.convert import default_model_path  # noqa: E402
 
 log = logging.getLogger("bench_quality")
 
-ALL_METHODS = ("dense", "random", "magnitude", "taylor", "taylor+lora", "tasks", "tasks+lora", "tasks-beam", "tasks-beam+lora", "layerdrop",
-               "layerdrop+lora")
-OURS = ("tasks-beam+lora", "tasks+lora", "taylor+lora", "tasks-beam", "tasks", "taylor")  # the first of these present is "ours" in the findings
+ALL_METHODS = ("dense", "random", "magnitude", "taylor", "taylor+lora", "tasks", "tasks+lora", "tasks-beam",
+               "tasks-beam+lora", "layerdrop", "layerdrop+lora")
+#: ours, in the findings (each compared with every other method at its levels)
+OURS = ("tasks-beam+lora", "tasks+lora", "taylor+lora", "tasks-beam", "tasks", "taylor")
 DEFAULT_LEVELS = "0.5,0.7,0.9"
 DEFAULT_CONVERT_LEVELS = "0.5,0.6,0.7,0.8,0.9,1.0"
 #: research/quality-feasibility.md section 7: per-level goals after recovery (PPL x dense, share of the margin)

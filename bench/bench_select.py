@@ -33,9 +33,8 @@ def dense_table(path: str, questions: int) -> int:
     print("| set | questions | dense accuracy | chance | z |\n|---|---|---|---|---|")
     for name in E.SELECT_TASKS:
         probe = measure.ChoiceProbe(runner, E.choice_items(encode, start=int(start), tasks=(name,), per_task=questions))
-        acc, chance = probe.score(None)[1], probe.chance
-        z = (acc - chance) / (chance * (1 - chance) / len(probe.items)) ** 0.5
-        print(f"| {name} | {len(probe.items)} | {100 * acc:.1f} | {100 * chance:.1f} | {z:.2f} |", flush=True)
+        print(f"| {name} | {len(probe.items)} | {100 * probe.score(None)[1]:.1f} | {100 * probe.chance:.1f} "
+              f"| {probe.z_above_chance(None):.2f} |", flush=True)
     return 0
 
 

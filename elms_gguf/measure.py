@@ -240,8 +240,13 @@ class ChoiceProbe:
         """Expected accuracy of a uniform guess (mean of 1 / choices)."""
         return sum(1.0 / len(it.pairs) for it in self.items) / len(self.items)
 
+    def z_above_chance(self, widths: Sequence[tuple[int, int]] | None = None) -> float:
+        """How many binomial standard errors the accuracy at ``widths`` lies above :attr:`chance`."""
+        chance = self.chance
+        return (self.score(widths)[1] - chance) / math.sqrt(chance * (1 - chance) / len(self.items))
+
     def score(self, widths: Sequence[tuple[int, int]] | None = None) -> tuple[float, float]:
-        """(loss, accuracy) at ``widths``: lower loss is better; accuracy is NaN for single-answer items."""
+        """(loss, accuracy) at ``widths`': lower loss is better; accuracy is NaN for single-answer items."""
         key = tuple(M.check_widths(self.r.config, widths))
         if key not in self._memo:
             if self.answers:
@@ -313,8 +318,7 @@ class TaskProbe:
                 if not d > 0:
                     raise ValueError(f"probe set {name!r}: dense loss {d} is not positive")
             else:
-                acc, chance = p.score(None)[1], p.chance
-                z = (acc - chance) / math.sqrt(chance * (1 - chance) / len(p.items))
+                acc, chance, z = p.score(None)[1], p.chance, p.z_above_chance(None)
                 if z < min_z:
                     self.dropped[name] = (f"dense accuracy {acc:.3f} is not clearly above chance {chance:.3f} "
                                           f"(z {z:.2f} < {min_z:g}) on {len(p.items)} questions")

@@ -680,6 +680,8 @@ def test_task_probe_keeps_sets_above_chance_and_measures_the_margin_kept():
         return sum(float((_rescaled(it, ll) / t).softmax(0)[it.gold]) for it, ll in zip(good, lls)) / len(good)
 
     chance = sum(1 / len(it.pairs) for it in good) / len(good)
+    assert alone.chance == pytest.approx(chance)
+    assert alone.z_above_chance(None) == pytest.approx((20 / 30 - chance) / (chance * (1 - chance) / 30) ** 0.5)
     d, lvl = soft(dense_ll), soft(alone.logliks(widths))
     want_mc = 1 + (d - lvl) / (d - chance)
     aprobe = measure.ChoiceProbe(measure.Runner(config, w, fast=False), answers)
