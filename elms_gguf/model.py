@@ -102,6 +102,23 @@ class ModelConfig:
         return [(self.n_head_kv, self.n_ff)] * self.n_layer
 
 
+def torch_device(name: str = "auto") -> torch.device:
+    """The device a trainer runs on: ``auto`` = CUDA when torch sees one, else the CPU; ``cpu``, ``cuda``,
+    ``cuda:N`` as torch spells them. Asking for CUDA where torch sees none is a ValueError, not a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}; use --device cpu or auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r} (auto, cpu, cuda or cuda:N)")
+    return dev
+
+
 def level_widths(level: contract.Level) -> list[tuple[int, int]]:
     """``[(kv, ff), ...]`` per layer of a level, the form :func:`forward` takes."""
     return list(zip((int(k) for k in level.head_count_kv), (int(f) for f in level.feed_forward_length)))

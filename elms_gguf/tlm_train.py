@@ -9,7 +9,8 @@
    (:class:`elms_gguf.compress.SelfInfoScorer`, dense, through llama.cpp) is computed; within each TLM window the
    top ``--keep`` fraction of words is labelled 1 (keep), the rest 0.
 3. **Training**: embeddings frozen, encoder layers and head trained with per-word binary cross-entropy on the mean
-   token logit of the word (the same pooling as at inference), AdamW, a few epochs on CPU.
+   token logit of the word (the same pooling as at inference), AdamW, a few epochs (``--device``: the GPU when torch
+   sees one, else the CPU; the labels always come from llama.cpp on the CPU).
 4. **Export**: an HF folder of the truncated, fine-tuned encoder goes through llama.cpp's own
    ``convert_hf_to_gguf.py`` (``--outtype f16``); the head and the label description are added as ``elms.tlm.*``
    keys (:mod:`elms_gguf.tlm`).
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import compress
+from . import model as M
 from . import tlm as T
 
 log = logging.getLogger(__name__)
@@ -105,8 +107,13 @@ class Encoder(torch.nn.Module):
     def p(self, name: str) -> torch.Tensor:
         return getattr(self, self._attr(name))
 
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: self.p(n).detach().clone() for n in self.names}
+        """Backbone tensors under their HF names, on the CPU (what the export writes)."""
+        return {n: self.p(n).detach().cpu().clone() for n in self.names}
 
     def _lin(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.p(name + ".weight"), self.p(name + ".bias"))
@@ -123,7 +130,7 @@ class Encoder(torch.nn.Module):
         hd = self.d // self.n_head
         bias = None
         if mask is not None:
-            bias = torch.zeros(B, 1, 1, L, dtype=x.dtype).masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+            bias = torch.zeros(B, 1, 1, L, dtype=x.dtype, device=x.device).masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
         for il in range(self.n_layers):
             pre = f"encoder.layer.{il}."
             q, k, v = (self._lin(x, pre + f"attention.self.{n}").view(B, L, self.n_head, hd).transpose(1, 2)
@@ -255,10 +262,13 @@ def _batch(wins: Sequence[Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def word_logits(model: Encoder, wins: Sequence[Window]) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask, tok_word, tok_pos, labels, n_words = _batch(wins)
+    """Every word's mean token logit and its label, on the model's device."""
+    dev = model.device
+    ids, mask, tok_word, tok_pos, labels, n_words = (t.to(dev) if isinstance(t, torch.Tensor) else t
+                                                     for t in _batch(wins))
     logits = model(ids, mask).reshape(-1)[tok_pos]
-    s = torch.zeros(n_words).index_add(0, tok_word, logits)
-    c = torch.zeros(n_words).index_add(0, tok_word, torch.ones_like(logits))
+    s = torch.zeros(n_words, device=dev).index_add(0, tok_word, logits)
+    c = torch.zeros(n_words, device=dev).index_add(0, tok_word, torch.ones_like(logits))
     return s / c.clamp(min=1), labels
 
 
@@ -288,7 +298,7 @@ def evaluate(model: Encoder | None, wins: Sequence[Window], *, rate: float = 0.5
             s = np.asarray(scores[i], dtype=np.float64)
         else:
             with torch.no_grad():
-                s = word_logits(model, [w])[0].numpy().astype(np.float64)  # type: ignore[arg-type]
+                s = word_logits(model, [w])[0].cpu().numpy().astype(np.float64)  # type: ignore[arg-type]
         aucs.append(_auc(s, w.labels))
         rhos.append(float(np.corrcoef(_rank(s), _rank(w.selfinfo))[0, 1]))
         k = max(1, int(round(rate * len(s))))
@@ -300,8 +310,13 @@ def evaluate(model: Encoder | None, wins: Sequence[Window], *, rate: float = 0.5
 
 
 def train(model: Encoder, wins: Sequence[Window], *, epochs: int = 3, batch: int = 8, lr: float = 1e-4,
-          head_lr: float = 1e-3, seed: int = 0, progress: Callable[[str], None] | None = None) -> list[float]:
-    """Per-word BCE on the mean token logit; embeddings frozen. Returns the mean loss of every epoch."""
+          head_lr: float = 1e-3, seed: int = 0, device: str | torch.device = "cpu",
+          progress: Callable[[str], None] | None = None) -> list[float]:
+    """Per-word BCE on the mean token logit; embeddings frozen. Returns the mean loss of every epoch.
+
+    Trains on ``device`` (``auto``: CUDA when torch sees one) and hands the model back on the CPU, for export."""
+    dev = M.torch_device(device) if isinstance(device, str) else device
+    model.to(dev)
     torch.manual_seed(seed)
     rnd = random.Random(seed)
     enc = [p for n, p in model.named_parameters() if not n.startswith("embeddings") and not n.startswith("head")]
@@ -335,8 +350,9 @@ def train(model: Encoder, wins: Sequence[Window], *, epochs: int = 3, batch: int
                 count += len(lab)
         losses.append(total / max(count, 1))
         if progress:
-            progress(f"epoch {ep + 1}/{epochs}: loss {losses[-1]:.4f} ({time.time() - t0:.0f} s)")
+            progress(f"epoch {ep + 1}/{epochs}: loss {losses[-1]:.4f} ({time.time() - t0:.0f} s on {dev})")
     model.eval()
+    model.to("cpu")
     return losses
 
 
@@ -413,7 +429,7 @@ def gguf_parity(model: Encoder, path: str, wins: Sequence[Window], *, n_threads:
     try:
         for w in wins:
             with torch.no_grad():
-                ref = word_logits(model, [w])[0].numpy().astype(np.float64)
+                ref = word_logits(model, [w])[0].cpu().numpy().astype(np.float64)
             got = T.pool_words(sc.token_logits(w.ids)[1:-1], w.owner, len(w.labels))
             diffs.append(float(np.abs(ref - got).max()))
             scale = max(scale, float(np.abs(ref).max()))
@@ -451,6 +467,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--labels-cache", default=None, help=".npz of labelled windows (read if present, else written)")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads for labelling (default 1)")
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--device", default="auto", help="where the encoder trains: auto (CUDA when torch sees one, "
+                                                     "else the CPU), cpu, cuda or cuda:N (default auto)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", default=None, help="write the metrics as JSON here")
     return ap.parse_args(argv)
@@ -462,6 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.torch_threads)
     say = log.info
     try:
+        try:
+            device = M.torch_device(args.device)
+        except ValueError as e:
+            raise TLMTrainError(f"--device: {e}") from None
         target = args.target or default_target()
         from .profile import model_fingerprint
 
@@ -490,10 +512,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         held, tr = [wins[i] for i in idx[:n_hold]], [wins[i] for i in idx[n_hold:]]
         model = load_encoder(args.layers)
         report: dict[str, object] = {"layers": args.layers, "keep": args.keep, "train_windows": len(tr),
-                                     "heldout_windows": len(held), "target": fp}
+                                     "heldout_windows": len(held), "target": fp, "device": str(device)}
         t0 = time.time()
         report["losses"] = train(model, tr, epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed,
-                                 progress=say)
+                                 device=device, progress=say)
         report["train_seconds"] = round(time.time() - t0, 1)
         report["heldout"] = {f"{k}": v for k, v in evaluate(model, held).items()}
         report["heldout_random"] = evaluate(None, held, scores=[np.random.default_rng(i).random(len(w.labels))

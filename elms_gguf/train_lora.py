@@ -197,11 +197,10 @@ class TrainResult:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    try:
+        return M.torch_device(name)
+    except ValueError as e:
+        raise TrainError(f"--device: {e}") from None
 
 
 def peak_rss_mb() -> float:

@@ -54,6 +54,7 @@ def open_llm(path: Path | str, *, flash_attn: bool = True, type_kv: int = GGML_T
     One thread: with two, stock llama.cpp itself is not bit-reproducible run to run on these tiny random models
     (thread-timing-dependent reduction order flips near-tied greedy tokens), so exact comparisons would flake.
     """
+    require_runtime()
     from elms_gguf.runtime import ElasticLlama
 
     with graph_reuse(reuse):

@@ -225,3 +225,125 @@ def test_tlm_windows_and_pooling():
     assert T.windows([10, 1], 6) == [(0, 1), (1, 2)]  # an over-long word gets its own window
     out = T.pool_words(np.array([1.0, 3.0, 5.0]), [0, 0, 2], 3)
     assert out.tolist() == [2.0, 3.5, 5.0]  # word 1 had no tokens: the mean of the others
+
+
+# -- TLM training (elms_gguf.tlm_train.train): a tiny random BERT, so it runs anywhere -----------------------
+
+
+def _tiny_encoder(seed: int = 0, *, d: int = 32, n_layers: int = 2, vocab: int = 128):
+    """An all-MiniLM-shaped encoder (HF tensor names) with random weights: 2 layers of width 32, 4 heads."""
+    import torch
+
+    from elms_gguf import tlm_train as TT
+
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int, scale: float = 0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    t = {"embeddings.word_embeddings.weight": r(vocab, d), "embeddings.position_embeddings.weight": r(64, d),
+         "embeddings.token_type_embeddings.weight": r(2, d),
+         "embeddings.LayerNorm.weight": 1 + r(d, scale=0.05), "embeddings.LayerNorm.bias": r(d, scale=0.05)}
+    for il in range(n_layers):
+        p = f"encoder.layer.{il}."
+        for n in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            t[p + n + ".weight"], t[p + n + ".bias"] = r(d, d), r(d, scale=0.05)
+        t[p + "intermediate.dense.weight"], t[p + "intermediate.dense.bias"] = r(4 * d, d), r(4 * d, scale=0.05)
+        t[p + "output.dense.weight"], t[p + "output.dense.bias"] = r(d, 4 * d), r(d, scale=0.05)
+        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
+            t[p + n + ".weight"], t[p + n + ".bias"] = 1 + r(d, scale=0.05), r(d, scale=0.05)
+    cfg = {"num_hidden_layers": n_layers, "hidden_size": d, "num_attention_heads": 4, "layer_norm_eps": 1e-12}
+    torch.manual_seed(seed)  # the head's initialisation
+    return TT.Encoder(cfg, t, n_layers)
+
+
+def _tiny_windows(n: int, seed: int = 0):
+    """Windows of 4-12 words of 1-3 tokens; a word is 'keep' when its first token id is even (learnable)."""
+    from elms_gguf import tlm_train as TT
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids, owner, labels = [], [], []
+        for w in range(int(rng.integers(4, 13))):
+            toks = rng.integers(3, 100, size=int(rng.integers(1, 4))).tolist()
+            ids += toks
+            owner += [w] * len(toks)
+            labels.append(1.0 - toks[0] % 2)
+        lab = np.array(labels, dtype=np.float32)
+        out.append(TT.Window([TT.CLS_ID] + ids + [TT.SEP_ID], owner, lab + rng.random(len(lab)), lab))
+    return out
+
+
+def test_tlm_word_logits_are_the_mean_of_each_words_token_logits():
+    import torch
+
+    from elms_gguf import tlm_train as TT
+
+    m = _tiny_encoder()
+    wins = _tiny_windows(3, seed=1)
+    got, labels = TT.word_logits(m, wins)
+    ref, ref_labels = [], []
+    with torch.no_grad():
+        for w in wins:  # one window at a time, no padding: the mask must make the batched call identical
+            tok = m(torch.tensor([w.ids]))[0, 1:-1].numpy()
+            ref += [tok[[j for j, o in enumerate(w.owner) if o == k]].mean() for k in range(len(w.labels))]
+            ref_labels += w.labels.tolist()
+    np.testing.assert_allclose(got.detach().numpy(), ref, rtol=1e-5, atol=1e-5)
+    assert labels.tolist() == ref_labels
+
+
+def test_tlm_training_lowers_the_loss_keeps_embeddings_frozen_and_returns_on_the_cpu():
+    import torch
+
+    from elms_gguf import tlm_train as TT
+
+    m = _tiny_encoder()
+    emb = m.p("embeddings.word_embeddings.weight").detach().clone()
+    layer = m.p("encoder.layer.0.attention.self.query.weight").detach().clone()
+    losses = TT.train(m, _tiny_windows(48), epochs=6, batch=8, lr=3e-3, head_lr=1e-2, device="cpu")
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert torch.equal(m.p("embeddings.word_embeddings.weight"), emb)  # frozen
+    assert not torch.equal(m.p("encoder.layer.0.attention.self.query.weight"), layer)  # trained
+    assert {p.device.type for p in m.parameters()} == {"cpu"} and not m.training
+
+
+def test_trainer_devices_are_checked():
+    import torch
+
+    from elms_gguf import model as M
+    from elms_gguf import tlm_train as TT
+    from elms_gguf.train_lora import TrainError, pick_device
+
+    assert M.torch_device("cpu").type == "cpu"
+    assert M.torch_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="'tpu'"):
+        M.torch_device("tpu")
+    with pytest.raises(ValueError, match="'meta'"):
+        M.torch_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            M.torch_device("cuda")
+        with pytest.raises(TrainError, match="--device: .*no CUDA device"):
+            pick_device("cuda:0")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            TT.train(_tiny_encoder(), _tiny_windows(2), epochs=1, device="cuda")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device (the GPU machine)")
+def test_tlm_training_on_cuda_matches_training_on_the_cpu():
+    """Same seed, same windows: the GPU run follows the CPU run (float32; SDPA and reductions differ in order)."""
+    import torch
+
+    from elms_gguf import tlm_train as TT
+
+    wins, held = _tiny_windows(48), _tiny_windows(8, seed=7)
+    runs = {}
+    for dev in ("cpu", "cuda"):
+        m = _tiny_encoder()
+        losses = TT.train(m, wins, epochs=4, batch=8, lr=3e-3, head_lr=1e-2, device=dev)
+        with torch.no_grad():
+            runs[dev] = (losses, TT.word_logits(m, held)[0].numpy())
+    np.testing.assert_allclose(runs["cuda"][0], runs["cpu"][0], rtol=1e-3)
+    scale = np.abs(runs["cpu"][1]).max()
+    assert np.abs(runs["cuda"][1] - runs["cpu"][1]).max() <= 1e-3 * scale

@@ -649,10 +649,9 @@ def _rescaled(it, ll):
     return s
 
 
-def test_task_probe_keeps_sets_above_chance_and_measures_the_margin_kept():
-    """A multiple-choice set the dense model answers well counts as 2 - (share of the dense soft-accuracy margin
-    over chance kept), at the temperature that calibrates dense; a set it answers at chance is dropped, named; an
-    answer set counts as its NLL relative to dense; the selection loss is the mean."""
+def _task_probe_sets():
+    """A tiny random llama and three question sets: 'good' (dense right on 2 of 3), 'bad' (dense always wrong),
+    'answers' (gold-answer items); plus dense's log-likelihoods of 'good'."""
     config = M.tiny_config("llama")
     w = M.random_weights(config, seed=7)
     runner = measure.Runner(config, w, fast=False)
@@ -663,6 +662,14 @@ def test_task_probe_keeps_sets_above_chance_and_measures_the_margin_kept():
     # gold = dense's first choice on 2 of 3 questions, its second otherwise: well above chance, not perfect
     good = [dataclasses.replace(it, gold=r[0] if i % 3 else r[1]) for i, (it, r) in enumerate(zip(mc, ranked))]
     bad = [dataclasses.replace(it, gold=r[-1]) for it, r in zip(mc, ranked)]  # dense always wrong
+    return config, w, runner, good, bad, answers, dense_ll
+
+
+def test_task_probe_keeps_sets_above_chance_and_measures_the_margin_kept():
+    """A multiple-choice set the dense model answers well counts as 2 - (share of the dense soft-accuracy margin
+    over chance kept), at the temperature that calibrates dense; a set it answers at chance is dropped, named; an
+    answer set counts as its NLL relative to dense; the selection loss is the mean."""
+    config, w, runner, good, bad, answers, dense_ll = _task_probe_sets()
     tp = measure.TaskProbe(runner, {"good": good, "bad": bad, "answers": answers})
     assert list(tp.probes) == ["good", "answers"] and "not clearly above chance" in tp.dropped["bad"]
     assert tp.loss(None) == pytest.approx(1.0)
@@ -690,6 +697,18 @@ def test_task_probe_keeps_sets_above_chance_and_measures_the_margin_kept():
     assert tp.loss(widths) == pytest.approx((want_mc + want_a) / 2, rel=1e-9)
     with pytest.raises(ValueError, match="no question set is usable: bad: dense accuracy"):
         measure.TaskProbe(runner, {"bad": bad})
+
+
+def test_task_probe_drops_a_set_whose_calibrated_dense_soft_accuracy_is_at_chance(monkeypatch):
+    """Right often enough for the z gate, but no margin once calibrated (e.g. confidently wrong when wrong): the
+    set cannot measure a margin kept, so it is dropped and named, not divided by zero."""
+    _, _, runner, good, _, answers, _ = _task_probe_sets()
+    monkeypatch.setattr(measure.ChoiceProbe, "soft_accuracy", lambda self, widths, temperature: self.chance)
+    tp = measure.TaskProbe(runner, {"good": good, "answers": answers})
+    assert list(tp.probes) == ["answers"]
+    assert tp.dropped["good"].startswith("dense soft accuracy") and "is not above chance" in tp.dropped["good"]
+    with pytest.raises(ValueError, match="no question set is usable: good: dense soft accuracy"):
+        measure.TaskProbe(runner, {"good": good})
 
 
 @needs_olmo

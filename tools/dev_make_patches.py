@@ -111,7 +111,9 @@ What: common options (llama-cli, llama-completion, llama-server, llama-perplexit
 --elms-lora {required,optional,off} sets how the per-level adapters are treated. llama-bench, which has its own
 parser, gets --elms-ratio F applied to every test.
 
-Why: so that the standard tools run and measure any level of an elastic GGUF.
+Why: so that the standard tools run and measure any level of an elastic GGUF. A refused level flushes the common
+log before the tool exits: upstream leaks the logger and never joins its thread, so an error message queued just
+before a failed exit could be lost (seen in CI: llama-completion exited 1 with the reason missing from stderr).
 """,
         ["common/arg.cpp", "common/common.cpp", "common/common.h", "tools/llama-bench/llama-bench.cpp"],
     ),
