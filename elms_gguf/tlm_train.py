@@ -130,7 +130,8 @@ class Encoder(torch.nn.Module):
         hd = self.d // self.n_head
         bias = None
         if mask is not None:
-            bias = torch.zeros(B, 1, 1, L, dtype=x.dtype, device=x.device).masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+            bias = torch.zeros(B, 1, 1, L, dtype=x.dtype, device=x.device)
+            bias = bias.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
         for il in range(self.n_layers):
             pre = f"encoder.layer.{il}."
             q, k, v = (self._lin(x, pre + f"attention.self.{n}").view(B, L, self.n_head, hd).transpose(1, 2)
