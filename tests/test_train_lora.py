@@ -112,6 +112,27 @@ def test_kd_before_training_is_the_sub_model_without_adapter(trained):
     assert kd <= float(full) + 1e-6
 
 
+def test_an_adapter_that_does_not_lower_the_kd_loss_is_not_attached(tiny_elastic_llama, tmp_path, monkeypatch, caplog):
+    """The level then runs as converted: no file, no name in the level table, a warning, the reason in the result."""
+    real = train_lora.train_level
+
+    def worse_at_level_0(*args, **kw):
+        adapter, st = real(*args, **kw)
+        return adapter, (dict(st, kd_after=st["kd_before"] + 0.1) if kw["level_index"] == 0 else st)
+
+    monkeypatch.setattr(train_lora, "train_level", worse_at_level_0)
+    src = shutil.copyfile(tiny_elastic_llama.path, tmp_path / "tiny.gguf")
+    res = train_lora.train_all_levels(src, _cfg(tiny_elastic_llama.config), out=tmp_path / "out.gguf")
+    r0, r1 = res.levels
+    assert r0.dropped.startswith("training did not lower the KD loss") and r0.adapter_path == ""
+    assert not r1.dropped and Path(r1.adapter_path).exists()
+    assert not (tmp_path / "out.level0.lora.gguf").exists()
+    spec = contract.read_spec(model.load_gguf(tmp_path / "out.gguf")[2].fields)
+    assert (spec.levels[0].lora, spec.levels[0].lora_crc32) == ("", 0) and spec.levels[1].lora == "out.level1.lora.gguf"
+    assert "level 0 (ratio 0.40): training did not lower the KD loss" in caplog.text and "no adapter" in caplog.text
+    assert "(no adapter: not lower)" in res.table().splitlines()[2]
+
+
 def test_fast_bf16_training_also_reduces_the_loss(tiny_elastic_llama):
     tiny = tiny_elastic_llama
     cfg = _cfg(tiny.config, fast=True)
