@@ -350,8 +350,8 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any]) -> str:
     else:
         ours = {"tasks-beam": "`tasks-beam+lora` (allocations chosen on question sets by the accuracy margin kept, "
                               "searched over nested chains of levels: `elms-convert --select tasks --select-beam 2`)",
-                "tasks": "`tasks+lora` (the question sets' cross-entropy, level by level: `--select tasks` before "
-                         "2026-11-22 14:00, see the notes)",
+                "tasks": "`tasks+lora` (`elms-convert --select tasks`: chosen on question sets, level by level; "
+                         "see the notes for the criterion the files were built with)",
                 "taylor": "`taylor+lora` (chosen on the calibration loss, the converter's default)"}
         named = [v for k, v in ours.items() if k in present or k + "+lora" in present]
         w("Ours = " + (", ".join(named[:-1]) + " and " + named[-1] if len(named) > 1 else named[0])
