@@ -171,8 +171,8 @@ def run_request(llm, mode: str, app: TK.AppPrompts, item: TK.MCItem, slo: SLO, n
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--tlm", required=True)
+    ap.add_argument("--model", help="the elastic GGUF (required unless --report)")
+    ap.add_argument("--tlm", help="the TLM GGUF that compresses prompts (required unless --report)")
     ap.add_argument("--profile", default="auto", help="latency profile JSON (default: the saved one)")
     ap.add_argument("-n", type=int, default=10, help="questions per app")
     ap.add_argument("--threads", type=int, default=1)
@@ -183,8 +183,23 @@ def main(argv=None) -> int:
     ap.add_argument("--alpha", default="0,0.25,-0.25")
     ap.add_argument("--layerdrop", help="layer-drop elastic GGUF for the 'layerdrop' mode (needs its saved profile)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "bench_slo.json"))
+    ap.add_argument("--report", metavar="JSON", help="print the tables and paired comparisons of a saved run "
+                                                     "(its --out file) and exit; runs nothing")
+    ap.add_argument("--versus", default="ours", help="the mode the paired comparisons are made against "
+                                                     "(default: %(default)s)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.report:
+        with open(args.report) as f:
+            saved = json.load(f)
+        modes = list(saved["results"])
+        apps = [(a, s) for a, s in APPS if any(a in saved["results"][m] for m in modes)]
+        alphas = [float(a) for a in str(saved.get("args", {}).get("alpha", args.alpha)).split(",")]
+        print(format_summary(summarize(saved["results"], apps, alphas), modes, apps))
+        print(format_pairs(saved["results"], args.versus))
+        return 0
+    if not args.model or not args.tlm:
+        ap.error("--model and --tlm are required (unless --report)")
     _extra_tasks()
     from elms_gguf.serve import ElasticLlama
 
@@ -239,6 +254,7 @@ def main(argv=None) -> int:
             f"att {np.mean([r['met'] for r in results[m][app_name]]):.2f}" for m in modes))
     summary = summarize(results, apps, [float(a) for a in args.alpha.split(",")])
     print(format_summary(summary, modes, apps))
+    print(format_pairs(results, args.versus))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"summary": summary, "results": results, "args": vars(args),
@@ -258,6 +274,7 @@ def summarize(results, apps, alphas):
                 continue
             rows[a] = {"slo": [tt, tp], "n": len(rs), "accuracy": float(np.mean([r["correct"] for r in rs])),
                        "attainment": float(np.mean([r["met"] for r in rs])),
+                       "on_time_accuracy": float(np.mean([r["correct"] and r["met"] for r in rs])),
                        "ttft_attainment": float(np.mean([bool(r["ttft_met"]) for r in rs])),
                        "mean_level_ratio": float(np.mean([r["level_ratio"] for r in rs])),
                        "mean_prompt_ratio": float(np.mean([r["prompt_ratio"] for r in rs])),
@@ -274,7 +291,7 @@ def summarize(results, apps, alphas):
             w = w / w.sum()
             names = [a for a, _ in apps if a in rows]
             trace[f"alpha={al:g}"] = {k: float(sum(wi * rows[a][k] for wi, a in zip(w, names)))
-                                      for k in ("accuracy", "attainment")}
+                                      for k in ("accuracy", "attainment", "on_time_accuracy")}
         out[mode] = {"apps": rows, "trace": trace}
     return out
 
@@ -293,6 +310,43 @@ def format_summary(summary, modes, apps) -> str:
         lines.append(f"trace {al:<20} " + "".join(
             f"{summary[m]['trace'][al]['accuracy']:>9.2f} {summary[m]['trace'][al]['attainment']:4.2f}          "
             for m in modes))
+    for al in next(iter(summary.values()))["trace"]:
+        lines.append(f"on time {al:<18} " + "".join(
+            f"{summary[m]['trace'][al].get('on_time_accuracy', float('nan')):>9.2f}               " for m in modes))
+    return "\n".join(lines)
+
+
+def paired(results, a: str, b: str, apps) -> dict[str, float]:
+    """Mode ``a`` minus mode ``b`` over the same questions of ``apps`` (every mode answers the same items in the
+    same order): accuracy and on-time accuracy (correct *and* within the SLO), each with its paired standard error."""
+    out: dict[str, float] = {"n": 0}
+    for key in ("accuracy", "on_time_accuracy"):
+        def val(r):
+            return float(r["correct"] and (r["met"] if key == "on_time_accuracy" else True))
+        xa = np.array([val(r) for ap in apps for r in results[a][ap]])
+        xb = np.array([val(r) for ap in apps for r in results[b][ap]])
+        if len(xa) != len(xb) or len(xa) < 2:
+            raise ValueError(f"modes {a} and {b} did not answer the same questions")
+        d = xa - xb
+        out.update({"n": len(d), f"{key}_a": float(xa.mean()), f"{key}_b": float(xb.mean()),
+                    f"{key}_diff": float(d.mean()), f"{key}_se": float(d.std(ddof=1) / math.sqrt(len(d)))})
+    return out
+
+
+def format_pairs(results, versus: str) -> str:
+    """Paired differences of ``versus`` against every other mode, over all apps (unweighted) and per app."""
+    if versus not in results:
+        return f"(no paired comparisons: mode {versus} was not run)"
+    lines = [f"paired, {versus} minus each mode (same questions; ± one standard error): accuracy | on-time accuracy"]
+    for m in results:
+        if m == versus:
+            continue
+        common = [ap for ap in results[versus] if ap in results[m]]
+        for name, aps in [("all apps", common)] + [(ap, [ap]) for ap in common]:
+            p = paired(results, versus, m, aps)
+            lines.append(f"  {versus} - {m:<12} {name:<11} n={p['n']:<4} {p['accuracy_diff']:+.3f} ± {p['accuracy_se']:.3f}"
+                         f" | {p['on_time_accuracy_a']:.3f} vs {p['on_time_accuracy_b']:.3f}: "
+                         f"{p['on_time_accuracy_diff']:+.3f} ± {p['on_time_accuracy_se']:.3f}")
     return "\n".join(lines)
 
 

@@ -203,8 +203,13 @@ def decide(
         return max(d.predicted_ttft_ms * m_ttft / slo_ttft if slo_ttft > 0 else math.inf,
                    d.predicted_tpot_ms * m_tpot / slo_tpot if slo_tpot > 0 else math.inf)
 
+    def missed(d: Decision) -> int:  # how many of the two targets the plan misses
+        return int(not fits(d.predicted_ttft_ms, plan_ttft)) + int(not fits(d.predicted_tpot_ms, plan_tpot))
+
+    # the smallest worst-case overshoot; among equals, one that still meets the other target (a TPOT SLO out of
+    # reach must not also cost the TTFT: cut the prompt until that fits), then the largest level and prompt
     cands = [make(lv, rho, False, "") for lv in lvls for rho in grid]
-    best = min(cands, key=lambda d: (overshoot(d), -d.level_ratio, -d.prompt_ratio))
+    best = min(cands, key=lambda d: (overshoot(d), missed(d), -d.level_ratio, -d.prompt_ratio))
     fastest_ttft = min(cands, key=lambda d: d.predicted_ttft_ms)
     fastest_tpot = min(cands, key=lambda d: d.predicted_tpot_ms)
     why = []

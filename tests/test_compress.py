@@ -347,3 +347,46 @@ def test_tlm_training_on_cuda_matches_training_on_the_cpu():
     np.testing.assert_allclose(runs["cuda"][0], runs["cpu"][0], rtol=1e-3)
     scale = np.abs(runs["cpu"][1]).max()
     assert np.abs(runs["cuda"][1] - runs["cpu"][1]).max() <= 1e-3 * scale
+
+
+def test_train_tlm_evaluate_scores_held_out_windows_with_an_existing_tlm(tlm_pair, tiny_llama, tmp_path):
+    """``elms-train-tlm --evaluate``: an existing TLM GGUF (run by llama.cpp) scored against a labels cache, on the
+    same held-out split training would use; checked against the PyTorch TLM's own metrics on those windows."""
+    import json
+    import random
+
+    import torch
+
+    from elms_gguf import tlm_train as TT
+
+    m, path = tlm_pair
+    tok = TT.hf_tokenizer()
+    wins = []
+    for k in range(10):
+        words = C.split_words(f"{CONTEXT} Example {k}: {QUESTION}")
+        per_word = TT.word_ids(tok, words)
+        ids = [TT.CLS_ID] + sum(per_word, []) + [TT.SEP_ID]
+        owner = [i for i, t in enumerate(per_word) for _ in t]
+        w = TT.Window(ids, owner, np.zeros(len(words)), np.zeros(len(words), dtype=np.float32))
+        with torch.no_grad():
+            own = TT.word_logits(m, [w])[0].numpy().astype(np.float64)
+        # "self-information" that agrees with the TLM only partly, so the metrics are far from 0.5 and from 1
+        si = own + np.random.default_rng(k).normal(0.0, own.std(), len(words))
+        lab = np.zeros(len(words), dtype=np.float32)
+        lab[np.argsort(-si, kind="stable")[: len(words) // 2]] = 1.0
+        wins.append(TT.Window(ids, owner, si, lab))
+    cache, rep = tmp_path / "wins.npz", tmp_path / "eval.json"
+    TT.save_windows(str(cache), wins)
+    assert TT.main(["--target", str(tiny_llama.path), "--labels-cache", str(cache), "--evaluate", str(path),
+                    "--heldout", "0.5", "--report", str(rep)]) == 0
+    ev = json.loads(rep.read_text())
+    idx = list(range(len(wins)))
+    random.Random(0).shuffle(idx)  # the split elms-train-tlm makes with --seed 0
+    ref = TT.evaluate(m, [wins[i] for i in idx[:5]])
+    assert ev["heldout"]["windows"] == 5 and ev["tlm_labels"] == "test"
+    assert 0.6 < ref["auc"] < 0.99
+    for key in ("auc", "spearman", "selfinfo_kept@0.5"):
+        assert ev["heldout"][key] == pytest.approx(ref[key], abs=0.03), key
+    assert abs(ev["heldout_random"]["auc"] - 0.5) < abs(ref["auc"] - 0.5)
+    with pytest.raises(SystemExit):  # neither -o nor --evaluate
+        TT.main(["--labels-cache", str(cache)])

@@ -218,10 +218,11 @@ def test_decide_infeasible_reports_and_best_effort():
     d = decide(p, SLO.relative(0.05, 1.0), n_fixed=10, n_compressible=300, scorer="tlm", best_effort=True)
     assert not d.feasible and d.level == 0 and d.prompt_ratio == pytest.approx(orchestrate.DEFAULT_MIN_PROMPT_RATIO)
     assert d.reason.startswith("infeasible")
-    # TPOT out of reach dominates the overshoot: the smallest level, and no more prompt cut than that overshoot
+    # TPOT out of reach (6 ms > 4 ms) dominates the overshoot: the smallest level, and the TTFT SLO still met:
+    # the largest prompt ratio with 5 + 0.6 * (10 + 300 rho) + 31 <= 125 ms (0.2 x dense 625 ms) is 0.45
     d = decide(p, SLO.relative(0.2, 0.2), n_fixed=10, n_compressible=300, scorer="tlm", best_effort=True)
-    assert not d.feasible and d.level == 0
-    assert d.predicted_ttft_ms / d.slo_ttft_ms <= d.predicted_tpot_ms / d.slo_tpot_ms
+    assert not d.feasible and d.level == 0 and d.slo_ttft_ms == pytest.approx(125.0)
+    assert d.prompt_ratio == pytest.approx(0.45) and d.predicted_ttft_ms <= d.slo_ttft_ms
 
 
 def test_decide_scorer_cost_counts_only_when_compressing():
@@ -307,10 +308,17 @@ def test_calibration_starts_from_the_profile_spread_then_follows_served_requests
     cal = profile.LatencyCalibration.from_profile(p, quantile=0.8, min_observed=4, window=5)
     assert sorted(cal.prior_ttft) == pytest.approx([0.9, 1.0, 1.0, 1.1, 1.2, 1.5])
     assert cal.margins() == pytest.approx((1.2, 1.1))  # 0.8 quantile ("higher") of the prior
-    # fewer than min_observed requests: pooled with the prior
-    for f in (2.0, 2.0, 2.0):
+    # fewer than min_observed requests: the larger of the prior's quantile and theirs
+    cal.observe(predicted_ttft_ms=100.0, measured_ttft_ms=110.0, predicted_tpot_ms=10.0, measured_tpot_ms=None)
+    assert cal.margins() == pytest.approx((1.2, 1.1))  # 1.1 < the prior's 1.2
+    for f in (2.0, 2.0):
         cal.observe(predicted_ttft_ms=100.0, measured_ttft_ms=100.0 * f, predicted_tpot_ms=10.0, measured_tpot_ms=None)
     assert cal.margins()[0] == pytest.approx(2.0) and cal.margins()[1] == pytest.approx(1.1)
+    # a large prior near 1 does not dilute the first served requests (pooled, 2 of 102 would not move a 0.8 quantile)
+    big = profile.LatencyCalibration(quantile=0.8, min_observed=4, prior_ttft=[1.0] * 100, prior_tpot=[1.0] * 100)
+    for _ in range(2):
+        big.observe(predicted_ttft_ms=100.0, measured_ttft_ms=130.0, predicted_tpot_ms=10.0, measured_tpot_ms=12.0)
+    assert big.margins() == pytest.approx((1.3, 1.2))
     # enough requests: only the window of observed ones counts (oldest dropped), never below the floor of 1
     for f in (0.5, 0.6, 0.7, 0.8, 0.9):
         cal.observe(predicted_ttft_ms=100.0, measured_ttft_ms=100.0 * f, predicted_tpot_ms=10.0, measured_tpot_ms=5.0)
@@ -319,3 +327,42 @@ def test_calibration_starts_from_the_profile_spread_then_follows_served_requests
     assert len(cal.ttft) == 5 and cal.summary()["observed"] == 5
     with pytest.raises(ValueError, match="quantile"):
         profile.LatencyCalibration(quantile=1.0)
+
+
+# -- the end-to-end benchmark's scoring (bench/bench_slo.py) ---------------------------------------------------
+
+
+def _bench_slo():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_slo.py"
+    spec = importlib.util.spec_from_file_location("bench_slo_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def _request(correct: bool, met: bool) -> dict:
+    return {"correct": correct, "met": met, "ttft_met": met, "level_ratio": 0.5, "prompt_ratio": 1.0,
+            "measured_ttft_ms": 90.0, "slo_ttft_ms": 100.0, "predicted_ttft_ms": 80.0, "measured_tpot_ms": 9.0,
+            "predicted_tpot_ms": 8.0, "tlm_ms": 0.0}
+
+
+def test_bench_slo_counts_an_answer_on_time_only_when_its_slo_was_met():
+    b = _bench_slo()
+    # a: right+on time, right+late, wrong+on time, right+on time; b: right+late x2, wrong+on time, right+on time
+    a = [_request(True, True), _request(True, False), _request(False, True), _request(True, True)]
+    c = [_request(True, False), _request(True, False), _request(False, True), _request(True, True)]
+    results = {"a": {"piqa": a}, "b": {"piqa": c}}
+    s = b.summarize(results, [("piqa", (0.2, 0.6))], [0.0])
+    assert s["a"]["apps"]["piqa"]["accuracy"] == 0.75 and s["b"]["apps"]["piqa"]["accuracy"] == 0.75
+    assert s["a"]["apps"]["piqa"]["on_time_accuracy"] == 0.5 and s["b"]["apps"]["piqa"]["on_time_accuracy"] == 0.25
+    assert s["a"]["trace"]["alpha=0"]["on_time_accuracy"] == 0.5
+    p = b.paired(results, "a", "b", ["piqa"])
+    # per-question on-time differences: 1, 0, 0, 0 -> mean 0.25, sample sd 0.5, se 0.5 / 2
+    assert p["n"] == 4 and p["accuracy_diff"] == 0.0 and p["accuracy_se"] == 0.0
+    assert p["on_time_accuracy_diff"] == pytest.approx(0.25) and p["on_time_accuracy_se"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="same questions"):
+        b.paired({"a": {"piqa": a}, "b": {"piqa": c[:3]}}, "a", "b", ["piqa"])
+    assert "a - b" in b.format_pairs(results, "a")
