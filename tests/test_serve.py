@@ -148,7 +148,9 @@ def test_profile_checks(tiny_elastic_llama, tiny_llama, tmp_path, monkeypatch):
         ElasticLlama(path, profile=tiny_profile(str(tiny_llama.path), levels=((-1, 1.0),)), n_threads=1,
                      verbose=False)
     monkeypatch.setenv("ELMS_PROFILE_DIR", str(tmp_path))
-    llm = ElasticLlama(path, scorer="selfinfo", n_ctx=256, n_batch=128, n_threads=1, verbose=False)
+    # planning on medians: this test is about finding and checking profiles; with calibrated margins a 1-round
+    # profile's spread on a busy machine can make even the dense model miss a 1.0x SLO (tested elsewhere)
+    llm = ElasticLlama(path, scorer="selfinfo", n_ctx=256, n_batch=128, n_threads=1, verbose=False, slo_quantile=None)
     assert llm.profile is None  # nothing saved yet
     with pytest.raises(ProfileError, match="no latency profile"):
         llm.create_completion(prompt=QUESTION, context=CONTEXT, slo=SLO.relative(0.5, 0.9))

@@ -114,8 +114,11 @@ parser, gets --elms-ratio F applied to every test.
 Why: so that the standard tools run and measure any level of an elastic GGUF. A refused level flushes the common
 log before the tool exits: upstream leaks the logger and never joins its thread, so an error message queued just
 before a failed exit could be lost (seen in CI: llama-completion exited 1 with the reason missing from stderr).
+llama-perplexity flushes it before returning for the same reason: on a loaded machine its "Final estimate" line
+(what the tests compare across levels) was missing from 5 runs in a row.
 """,
-        ["common/arg.cpp", "common/common.cpp", "common/common.h", "tools/llama-bench/llama-bench.cpp"],
+        ["common/arg.cpp", "common/common.cpp", "common/common.h", "tools/llama-bench/llama-bench.cpp",
+         "tools/perplexity/perplexity.cpp"],
     ),
     (
         "0005-ggml-cpu-out-prod-f16-convert-rows-once.patch",
