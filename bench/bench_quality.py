@@ -249,10 +249,15 @@ def paired(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, int] | N
     common = sorted(set(da) & set(db))
     if len(common) < 2:
         return None
-    diffs = [da[d] - db[d] for d in common]
+    mean, se = mean_se([da[d] - db[d] for d in common])
+    return mean, se, len(common)
+
+
+def mean_se(diffs: Sequence[float]) -> tuple[float, float]:
+    """Mean of paired differences and its standard error (sample variance; at least two differences)."""
     mean = sum(diffs) / len(diffs)
     var = sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1)
-    return mean, math.sqrt(var / len(diffs)), len(common)
+    return mean, math.sqrt(var / len(diffs))
 
 
 def write_report(args: argparse.Namespace, meta: dict[str, Any]) -> str:

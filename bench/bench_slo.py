@@ -51,10 +51,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from elms_gguf import orchestrate as O  # noqa: E402
 from elms_gguf import tasks as TK  # noqa: E402
 from elms_gguf.profile import SLO  # noqa: E402
+from bench_quality import mean_se  # noqa: E402
 
 log = logging.getLogger("bench_slo")
 
@@ -327,9 +329,9 @@ def paired(results, a: str, b: str, apps) -> dict[str, float]:
         xb = np.array([val(r) for ap in apps for r in results[b][ap]])
         if len(xa) != len(xb) or len(xa) < 2:
             raise ValueError(f"modes {a} and {b} did not answer the same questions")
-        d = xa - xb
-        out.update({"n": len(d), f"{key}_a": float(xa.mean()), f"{key}_b": float(xb.mean()),
-                    f"{key}_diff": float(d.mean()), f"{key}_se": float(d.std(ddof=1) / math.sqrt(len(d)))})
+        diff, se = mean_se((xa - xb).tolist())
+        out.update({"n": len(xa), f"{key}_a": float(xa.mean()), f"{key}_b": float(xb.mean()),
+                    f"{key}_diff": diff, f"{key}_se": se})
     return out
 
 
