@@ -18,6 +18,9 @@ method              model
 ``tasks-beam``      ``elms-convert --importance taylor --select tasks --select-questions 64 --select-beam 2``:
                     the question-set criterion searched over nested chains of levels (ours, before recovery)
 ``tasks-beam+lora`` ``elms-train-lora`` on the tasks-beam GGUF (ours)
+``tasks-worst``     ``tasks-beam`` with ``--select-chain worst``: the chain whose worst level is closest to the best
+                    candidate measured at that level, instead of the least summed loss (ours, before recovery)
+``tasks-worst+lora`` ``elms-train-lora`` on the tasks-worst GGUF (ours)
 ``layerdrop``       ``elms-convert --allocation layerdrop``: whole non-anchor layers removed in the order of the
                     converter's single-layer-skip ranking, each level exported as a **static** GGUF
                     (``--export-static``, stock llama.cpp ``deci`` layout) and evaluated as a plain model
@@ -63,9 +66,10 @@ from elms_gguf.convert import default_model_path  # noqa: E402
 log = logging.getLogger("bench_quality")
 
 ALL_METHODS = ("dense", "random", "magnitude", "taylor", "taylor+lora", "tasks", "tasks+lora", "tasks-beam",
-               "tasks-beam+lora", "layerdrop", "layerdrop+lora")
+               "tasks-beam+lora", "tasks-worst", "tasks-worst+lora", "layerdrop", "layerdrop+lora")
 #: ours, in the findings (each compared with every other method at its levels)
-OURS = ("tasks-beam+lora", "tasks+lora", "taylor+lora", "tasks-beam", "tasks", "taylor")
+OURS = ("tasks-worst+lora", "tasks-beam+lora", "tasks+lora", "taylor+lora", "tasks-worst", "tasks-beam", "tasks",
+        "taylor")
 DEFAULT_LEVELS = "0.5,0.7,0.9"
 DEFAULT_CONVERT_LEVELS = "0.5,0.6,0.7,0.8,0.9,1.0"
 #: research/quality-feasibility.md section 7: per-level goals after recovery (PPL x dense, share of the margin)
@@ -163,11 +167,13 @@ def produce_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         evals: list[list[str]] = []
         if m == "dense":
             evals.append(["elms-eval", src, "--label", "dense", "--levels", "1.0"] + ev_common)
-        elif m in ("random", "magnitude", "taylor", "tasks", "tasks-beam"):
+        elif m in ("random", "magnitude", "taylor", "tasks", "tasks-beam", "tasks-worst"):
             path = work / f"{m}.gguf"
             how = {"tasks": ["--importance", "taylor", "--select", "tasks"],
                    "tasks-beam": ["--importance", "taylor", "--select", "tasks", "--select-questions", "64",
-                                  "--select-beam", "2"]}.get(m, ["--importance", m])
+                                  "--select-beam", "2"],
+                   "tasks-worst": ["--importance", "taylor", "--select", "tasks", "--select-questions", "64",
+                                   "--select-beam", "2", "--select-chain", "worst"]}.get(m, ["--importance", m])
             build = built(path, [["elms-convert", src, "-o", str(path), "--levels", lvl(conv_levels)] + how
                                  + conv_common], dry=args.dry_run, log_file=logf)
             evals.append(["elms-eval", str(path), "--label", m, "--levels", lv_arg] + ev_common)
@@ -183,7 +189,7 @@ def produce_and_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 a = ach.get(round(r, 6), r)
                 evals.append(["elms-eval", str(static), "--label", "layerdrop", "--ratio", f"{r:g}",
                               "--achieved-ratio", f"{a:.6f}"] + ev_common)
-        elif m in ("taylor+lora", "tasks+lora", "tasks-beam+lora", "layerdrop+lora"):
+        elif m in ("taylor+lora", "tasks+lora", "tasks-beam+lora", "tasks-worst+lora", "layerdrop+lora"):
             base = m.split("+")[0]
             base_path = work / f"{base}.gguf"
             if not base_path.exists():
@@ -353,7 +359,9 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any]) -> str:
         w("No `tasks` / `taylor` (+lora) results yet.")
         w("")
     else:
-        ours = {"tasks-beam": "`tasks-beam+lora` (allocations chosen on question sets by the accuracy margin kept, "
+        ours = {"tasks-worst": "`tasks-worst+lora` (the same chain search ranked by each chain's worst level: "
+                               "`elms-convert --select tasks --select-beam 2 --select-chain worst`)",
+                "tasks-beam": "`tasks-beam+lora` (allocations chosen on question sets by the accuracy margin kept, "
                               "searched over nested chains of levels: `elms-convert --select tasks --select-beam 2`)",
                 "tasks": "`tasks+lora` (`elms-convert --select tasks`: chosen on question sets, level by level; "
                          "see the notes for the criterion the files were built with)",

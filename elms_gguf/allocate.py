@@ -33,6 +33,9 @@ from .contract import ContractError, Level, ModelDims, layer_params, level_ratio
 log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("searched", "uniform", "layerdrop")
+#: how the beam search ranks nested chains of levels: "sum" = the lowest summed loss over the levels; "worst" = the
+#: smallest worst regret, a level's regret being its loss minus the best loss measured at that level (minimax)
+CHAIN_OBJECTIVES = ("sum", "worst")
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,7 @@ def searched(
     policies: Sequence[Policy] = DEFAULT_POLICIES,
     reference: Mapping[float, Level] | None = None,
     beam: int = 1,
+    chain: str = "sum",
     slack: float = 0.004,
     tolerance: float = 0.01,
     trace: SearchTrace | None = None,
@@ -221,12 +225,19 @@ def searched(
     that is best on its own can close doors below it (uniform widths at 0.9 leave no full-width FFN for 0.8 to
     keep); a beam lets, e.g., a layer-drop 0.9 that is slightly worse survive if its descendants are better.
     ``beam`` = 1 is the greedy level-by-level search. Cost: up to ``beam`` x the candidates measured.
+    ``chain`` ranks the chains: ``"sum"`` by summed loss, which lets a small level's large losses outvote a large
+    level's small ones (a chain can keep a 0.9 that is clearly worse than the best 0.9 because its 0.5 is better);
+    ``"worst"`` by the chain's worst *regret* (a level's loss minus the lowest loss measured at that level among
+    the chains in the beam), then by summed loss: every level as close as the nesting allows to the best level
+    that could be written alone. With ``beam`` = 1 both are the greedy search.
 
     ``allowed(il, kv, ff)`` vetoes width pairs (e.g. the static-export rules); ``slack`` (fraction of decoder
     parameters) bounds how far a greedy move may undershoot the target, ``tolerance`` how far a candidate may.
     """
     if beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
+    if chain not in CHAIN_OBJECTIVES:
+        raise ValueError(f"chain objective must be one of {', '.join(CHAIN_OBJECTIVES)}, got {chain!r}")
     ok = allowed or (lambda il, kv, ff: True)
     total = dims.n_layer * layer_params(dims, dims.n_head_kv, dims.n_ff, qkv_bias=qkv_bias)
     pols = list(policies) if evaluate is not None else list(policies)[:1]
@@ -253,32 +264,45 @@ def searched(
         top = max(cands, key=achieved)
         return close or {top: cands[top]}
 
-    # a chain: (summed loss, widths of its last level, its levels' records)
-    chains: list[tuple[float, tuple, list[dict]]] = [(0.0, tuple([(dims.n_head_kv, dims.n_ff)] * dims.n_layer), [])]
+    # a chain: (worst regret, summed loss, widths of its last level, its levels' records)
+    Chain = tuple[float, float, tuple, list[dict]]
+    rank: Callable[[Chain], tuple] = (lambda c: (c[1],)) if chain == "sum" else (lambda c: (c[0], c[1]))
+    chains: list[Chain] = [(0.0, 0.0, tuple([(dims.n_head_kv, dims.n_ff)] * dims.n_layer), [])]
     for r in _targets_desc(ratios):
-        per_parent = [(c, candidates(c[1], r)) for c in chains]
+        per_parent = [(c, candidates(c[2], r)) for c in chains]
         if not any(cands for _, cands in per_parent):
             raise ContractError(f"cannot reach ratio {r}: no policy can remove enough parameters")
         measure = evaluate is not None and len({w for _, cands in per_parent for w in cands}) > 1
-        grown: dict[tuple, tuple[float, tuple, list[dict]]] = {}
-        for (cum, _, hist), cands in per_parent:
-            scored = [(evaluate(list(w)) if measure else float("nan"), w, pl) for w, pl in cands.items()]  # type: ignore[misc]
+        cache: dict[tuple, float] = {}  # the same widths from two parents are measured once
+        scored_all = []
+        for parent, cands in per_parent:
+            scored = []
+            for w, pl in cands.items():
+                if measure and w not in cache:
+                    cache[w] = evaluate(list(w))  # type: ignore[misc]
+                scored.append((cache[w] if measure else float("nan"), w, pl))
+            scored_all.append((parent, scored))
+        best = min(cache.values()) if cache else float("nan")
+        grown: dict[tuple, Chain] = {}
+        for (worst, cum, _, hist), scored in scored_all:
             for loss, w, pl in scored:
-                rec = {"ratio": r, "chosen": pl[0].label(), "loss": loss, "widths": w,
+                regret = loss - best if loss == loss else 0.0
+                rec = {"ratio": r, "chosen": pl[0].label(), "loss": loss, "regret": regret, "widths": w,
                        "candidates": {" | ".join(p.label() for p in ps): x for x, _, ps in scored}}
-                total_loss = cum + (loss if loss == loss else 0.0)
-                if w not in grown or total_loss < grown[w][0]:  # the same widths from two parents: the better chain
-                    grown[w] = (total_loss, w, hist + [rec])
-        chains = sorted(grown.values(), key=lambda c: c[0])[:beam]
+                c = (max(worst, regret), cum + (loss if loss == loss else 0.0), w, hist + [rec])
+                if w not in grown or rank(c) < rank(grown[w]):  # the same widths from two parents: the better chain
+                    grown[w] = c
+        chains = sorted(grown.values(), key=rank)[:beam]
         if measure:
-            best = chains[0][2][-1]
+            top = chains[0][3][-1]
             log.info("level %g: candidates %s; kept %s", r,
-                     ", ".join(f"{k}: {v:.4f}" for k, v in sorted(best["candidates"].items(), key=lambda kv: kv[1])),
-                     "; ".join(f"'{c[2][-1]['chosen']}' ({c[2][-1]['loss']:.4f}, chain sum {c[0]:.4f})" for c in chains))
+                     ", ".join(f"{k}: {v:.4f}" for k, v in sorted(top["candidates"].items(), key=lambda kv: kv[1])),
+                     "; ".join(f"'{c[3][-1]['chosen']}' ({c[3][-1]['loss']:.4f}, chain sum {c[1]:.4f}, "
+                               f"worst regret {c[0]:.4f})" for c in chains))
     out: list[Level] = []
-    for rec in chains[0][2]:
+    for rec in chains[0][3]:
         if trace is not None:
-            trace.levels.append({k: rec[k] for k in ("ratio", "chosen", "candidates")})
+            trace.levels.append({k: rec[k] for k in ("ratio", "chosen", "loss", "regret", "candidates")})
         lv = Level(ratio=rec["ratio"], head_count_kv=[w[0] for w in rec["widths"]],
                    feed_forward_length=[w[1] for w in rec["widths"]])
         lv.achieved_ratio = level_ratio(dims, lv, qkv_bias=qkv_bias)
@@ -365,5 +389,5 @@ def layerdrop(
     return out  # type: ignore[return-value]
 
 
-__all__ = ["ALLOCATIONS", "DEFAULT_POLICIES", "TASK_POLICIES", "WidthGrid", "LayerCost", "SearchTrace", "searched",
-           "uniform", "layerdrop"]
+__all__ = ["ALLOCATIONS", "CHAIN_OBJECTIVES", "DEFAULT_POLICIES", "TASK_POLICIES", "WidthGrid", "LayerCost",
+           "SearchTrace", "searched", "uniform", "layerdrop"]

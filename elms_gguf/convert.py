@@ -98,6 +98,7 @@ class ConvertConfig:
     select: str = "calib"  # what chooses between candidate allocations: calib (LM loss) | tasks (question sets)
     select_questions: int = 64  # questions per set for select="tasks" (evaluate.selection_sets)
     select_beam: int = 1  # nested chains kept while searching (allocate.searched's beam; 1 = level by level)
+    select_chain: str = "sum"  # how the beam ranks chains: sum (summed loss) | worst (worst per-level regret)
     export_static: Sequence[float] = ()  # ratios to export as standalone truncated GGUFs next to the output
     dry_run: bool = False
     fast: bool | None = None  # bf16 autocast for gradients and loss probes; None = where the CPU has bf16 matmuls
@@ -553,6 +554,8 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
         raise ConvertError(f"--select-questions must be >= 1, got {cfg.select_questions}")
     if cfg.select_beam < 1:
         raise ConvertError(f"--select-beam must be >= 1, got {cfg.select_beam}")
+    if cfg.select_chain not in A.CHAIN_OBJECTIVES:
+        raise ConvertError(f"--select-chain must be one of {', '.join(A.CHAIN_OBJECTIVES)}, got {cfg.select_chain!r}")
     if cfg.outtype.lower() not in OUTTYPES:
         raise ConvertError(f"unknown --outtype {cfg.outtype!r} (choose from {', '.join(OUTTYPES)})")
     model_path = model if model is not None else default_model_path()
@@ -694,7 +697,8 @@ def convert(model: str | None, out: str | None, *, config: ConvertConfig | None 
         plans["searched"] = A.searched(dims, levels, costs, grid, qkv_bias=mconfig.qkv_bias, allowed=allowed,
                                        evaluate=select.loss if tasks_probe is None else tasks_probe.loss, trace=trace,
                                        policies=A.DEFAULT_POLICIES if tasks_probe is None else A.TASK_POLICIES,
-                                       reference={lv.ratio: lv for lv in plans["uniform"]}, beam=cfg.select_beam)
+                                       reference={lv.ratio: lv for lv in plans["uniform"]}, beam=cfg.select_beam,
+                                       chain=cfg.select_chain)
     if cfg.allocation != "uniform" and not cfg.compare:
         del plans["uniform"]
     if cfg.allocation == "layerdrop" or cfg.compare:
@@ -1127,6 +1131,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search nested chains of levels: keep the N chains with the lowest summed selection loss "
                         "level by level, write the best whole chain (1: the best candidate at each level; N "
                         "multiplies the candidates measured; default: %(default)s)")
+    g.add_argument("--select-chain", default=ConvertConfig.select_chain, choices=A.CHAIN_OBJECTIVES,
+                   help="how --select-beam ranks chains: 'sum' (the lowest summed loss; a small level's large "
+                        "losses can outvote a large level's small ones) or 'worst' (the smallest worst regret: each "
+                        "level's loss minus the best loss measured at that level, so no level is given up for "
+                        "another). Default: %(default)s")
     g.add_argument("--no-compare", action="store_true", help="do not measure the other allocations")
     g.add_argument("--min-ffn-width", type=int, default=None, metavar="N",
                    help="keep each FFN block at 0 or at least N neurons (narrow ffn_down column prefixes read whole "
@@ -1168,6 +1177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             importance=args.importance, allocation=args.allocation, static_exportable=not args.allow_ffn_only_skip,
             fit_samples=args.fit_samples, min_ffn_width=args.min_ffn_width, compare=not args.no_compare, export_static=args.export_static,
             select=args.select, select_questions=args.select_questions, select_beam=args.select_beam,
+            select_chain=args.select_chain,
             dry_run=args.dry_run, fast=False if args.precise else None, seed=args.seed, quantize_bin=args.quantize_bin,
             tokenizer_from=args.tokenizer_from, name=args.name, train_lora=args.train_lora, progress=not args.no_progress and sys.stderr.isatty(),
         )

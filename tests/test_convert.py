@@ -288,8 +288,8 @@ def _hashed_loss(widths) -> float:
 def test_searched_beam_finds_the_nested_chain_with_the_least_summed_loss():
     """beam=1 keeps the best candidate at each level; a wide beam is exact dynamic programming over the candidate
     chains (the future of a chain depends only on its last widths), so it never sums more, and here strictly less."""
-    grid = A.WidthGrid(SMOL, 32, 32)
-    ratios = RATIOS
+    grid = A.WidthGrid(SMOL, 32, 256)  # FFN in steps of 256: few enough reachable widths for an exhaustive beam
+    ratios = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     costs = _synthetic_costs(grid)
 
     def run(beam):
@@ -308,6 +308,39 @@ def test_searched_beam_finds_the_nested_chain_with_the_least_summed_loss():
     assert sums[10_000] < greedy  # the hashed loss sets traps a level-by-level search falls into
     with pytest.raises(ValueError, match="beam must be >= 1"):
         A.searched(SMOL, ratios, costs, grid, evaluate=_hashed_loss, beam=0)
+
+
+def test_searched_worst_chain_minimises_the_worst_level_regret():
+    """chain="worst" ranks chains by their worst regret (a level's loss minus the best loss measured at that level).
+    With a beam wide enough to keep every reachable widths both objectives measure the same candidates, so each
+    level's best is the same, and the minimax chain gives up less at its worst level than the least-sum chain (and
+    sums at least as much). With beam=1 the two objectives are the same greedy search."""
+    grid = A.WidthGrid(SMOL, 32, 256)  # FFN in steps of 256: few enough reachable widths for an exhaustive beam
+    costs = _synthetic_costs(grid)
+    ratios = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+    def run(chain, beam):
+        trace = A.SearchTrace()
+        levels = A.searched(SMOL, ratios, costs, grid, evaluate=_hashed_loss, beam=beam, chain=chain, trace=trace)
+        for a, b in zip(levels, levels[1:]):
+            assert all(x <= y for x, y in zip(a.head_count_kv + a.feed_forward_length, b.head_count_kv + b.feed_forward_length))
+        measured = [lv for lv in trace.levels if lv["loss"] == lv["loss"]]  # level 1.0 has one candidate
+        by_ratio = {lv.ratio: _hashed_loss(M.level_widths(lv)) for lv in levels}
+        assert [lv["loss"] for lv in measured] == [by_ratio[lv["ratio"]] for lv in measured]
+        best = {lv["ratio"]: lv["loss"] - lv["regret"] for lv in measured}
+        return levels, sum(lv["loss"] for lv in measured), max(lv["regret"] for lv in measured), best
+
+    wide = 10_000
+    _, sum_s, worst_s, best_s = run("sum", wide)
+    _, sum_w, worst_w, best_w = run("worst", wide)
+    assert best_s == pytest.approx(best_w)
+    assert worst_w < worst_s  # here the least-sum chain hides one bad level
+    assert sum_s < sum_w
+    greedy_s, *_ = run("sum", 1)
+    greedy_w, *_ = run("worst", 1)
+    assert [M.level_widths(lv) for lv in greedy_s] == [M.level_widths(lv) for lv in greedy_w]
+    with pytest.raises(ValueError, match="chain objective must be one of sum, worst, got 'max'"):
+        A.searched(SMOL, ratios, costs, grid, evaluate=_hashed_loss, beam=2, chain="max")
 
 
 def test_default_min_ffn_width_keeps_ffn_down_rows_at_160_bytes_at_most_a_quarter_of_the_ffn():
@@ -775,4 +808,6 @@ def test_select_tasks_refuses_a_tokenizer_it_cannot_run_or_that_does_not_fit_the
         CV.convert(str(src), str(tmp_path / "e.gguf"), config=_tiny_cfg(select="accuracy"))
     with pytest.raises(CV.ConvertError, match="--select-beam must be >= 1, got 0"):
         CV.convert(str(src), str(tmp_path / "e.gguf"), config=_tiny_cfg(select_beam=0))
+    with pytest.raises(CV.ConvertError, match="--select-chain must be one of sum, worst, got 'max'"):
+        CV.convert(str(src), str(tmp_path / "e.gguf"), config=_tiny_cfg(select_chain="max"))
     assert _outputs(tmp_path) == ["tiny.gguf"]
