@@ -226,7 +226,7 @@ def searched(
     keep); a beam lets, e.g., a layer-drop 0.9 that is slightly worse survive if its descendants are better.
     ``beam`` = 1 is the greedy level-by-level search. Cost: up to ``beam`` x the candidates measured.
     ``chain`` ranks the chains: ``"sum"`` by summed loss, which lets a small level's large losses outvote a large
-    level's small ones (a chain can keep a 0.9 that is clearly worse than the best 0.9 because its 0.5 is better);
+    level's small ones (a chain can keep a worse 0.9 than the best one because its lower levels sum less);
     ``"worst"`` by the chain's worst *regret* (a level's loss minus the lowest loss measured at that level among
     the chains in the beam), then by summed loss: every level as close as the nesting allows to the best level
     that could be written alone. With ``beam`` = 1 both are the greedy search.

@@ -1128,8 +1128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--select-questions", type=int, default=ConvertConfig.select_questions, metavar="N",
                    help="questions per set for --select tasks (default: %(default)s)")
     g.add_argument("--select-beam", type=int, default=ConvertConfig.select_beam, metavar="N",
-                   help="search nested chains of levels: keep the N chains with the lowest summed selection loss "
-                        "level by level, write the best whole chain (1: the best candidate at each level; N "
+                   help="search nested chains of levels: keep the N best chains level by level (ranked as "
+                        "--select-chain says), write the best whole chain (1: the best candidate at each level; N "
                         "multiplies the candidates measured; default: %(default)s)")
     g.add_argument("--select-chain", default=ConvertConfig.select_chain, choices=A.CHAIN_OBJECTIVES,
                    help="how --select-beam ranks chains: 'sum' (the lowest summed loss; a small level's large "
