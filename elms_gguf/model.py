@@ -178,16 +178,17 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(x: torch.Tensor, theta: float, *, neox: bool) -> torch.Tensor:
-    """Rotary embedding of ``x`` [B, T, H, D] at positions 0..T-1, as ggml_rope_ext (no scaling).
+def rope(x: torch.Tensor, theta: float, *, neox: bool, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary embedding of ``x`` [B, T, H, D] at positions 0..T-1 (or ``pos`` [B, T]), as ggml_rope_ext (no scaling).
 
     NORM (llama): pairs (2i, 2i+1). NEOX (qwen2): pairs (i, i + D/2). Frequency of pair i: theta^(-2i/D).
     """
     B, T, H, D = x.shape
     inv = theta ** (-torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D)  # [D/2]
-    ang = torch.arange(T, dtype=torch.float64, device=x.device)[:, None] * inv[None, :]  # [T, D/2]
-    cos = ang.cos().to(x.dtype)[None, :, None, :]
-    sin = ang.sin().to(x.dtype)[None, :, None, :]
+    p = torch.arange(T, dtype=torch.float64, device=x.device)[None] if pos is None else pos.to(x.device, torch.float64)
+    ang = p[..., None] * inv  # [1 or B, T, D/2]
+    cos = ang.cos().to(x.dtype)[:, :, None, :]
+    sin = ang.sin().to(x.dtype)[:, :, None, :]
     if neox:
         x0, x1 = x[..., : D // 2], x[..., D // 2:]
         return torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
@@ -243,8 +244,12 @@ def linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str,
 
 
 def attention(config: ModelConfig, w: Mapping[str, torch.Tensor], x: torch.Tensor, il: int, kv: int,
-              lora: LoraMap | None = None) -> torch.Tensor:
-    """Causal GQA self-attention of layer ``il`` using its first ``kv`` KV heads (and their query groups)."""
+              lora: LoraMap | None = None, *, pos: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal GQA self-attention of layer ``il`` using its first ``kv`` KV heads (and their query groups).
+
+    ``pos`` [B, T] and ``mask`` [B, T, T] (True = may attend) replace positions 0..T-1 and the causal mask, e.g.
+    for several sequences packed into one row that share a prefix."""
     c, p = config, f"blk.{il}."
     B, T, _ = x.shape
     hq, d = kv * c.group, c.head_dim
@@ -252,12 +257,12 @@ def attention(config: ModelConfig, w: Mapping[str, torch.Tensor], x: torch.Tenso
     k = linear(x, w, p + "attn_k.weight", lora, rows=kv * d).view(B, T, kv, d)
     v = linear(x, w, p + "attn_v.weight", lora, rows=kv * d).view(B, T, kv, d)
     neox = c.arch == "qwen2"
-    q, k = rope(q, c.rope_theta, neox=neox), rope(k, c.rope_theta, neox=neox)
+    q, k = rope(q, c.rope_theta, neox=neox, pos=pos), rope(k, c.rope_theta, neox=neox, pos=pos)
     # query head h reads KV head h // group (ggml broadcasts src0 over contiguous blocks of src1 heads)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(c.group, 1), v.transpose(1, 2).repeat_interleave(c.group, 1)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # [B, hq, T, T]
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
+    allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if mask is None else mask[:, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
     out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, hq * d)
     return linear(out, w, p + "attn_output.weight", lora, cols=hq * d)
 

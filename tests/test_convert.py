@@ -652,10 +652,22 @@ def test_choice_probe_scores_questions_as_the_reference_forward_does(arch):
     widths = [(2, 512), (1, 256), (0, 128), (2, 0)]
     probe = measure.ChoiceProbe(runner, mc, max_tokens=24)  # several batches
     assert len(probe.batches) > 1
+    # choices that share a context are packed into one row: fewer tokens than one sequence per choice
+    assert any(b[2] is not None for b in probe.batches) and probe.n_tokens < probe.n_unpacked
     got = probe.logliks(widths)
     want = [[_ref_loglik(config, w, widths, c, t) for c, t in it.pairs] for it in mc]
     for g_, w_ in zip(got, want):
         assert g_ == pytest.approx(w_, abs=2e-4)
+    # then configurations that first differ at layer 2 (dense layer 1 from the cached layer-1 input, then 2 and 3),
+    # at layer 0 (nothing cached helps: 4 layers), nowhere (dense layers 2 and 3 from the cached layer-2 input)
+    row_tokens = sum(b[0].numel() for b in probe.batches)
+    for later, layers_run in (([(2, 512), (2, 512), (1, 128), (2, 0)], 3),
+                              ([(0, 512), (2, 512), (2, 512), (2, 512)], 4), (None, 2)):
+        before = runner.tokens_run
+        got = probe.logliks(later)
+        assert runner.tokens_run - before == row_tokens * layers_run
+        for it, g_ in zip(mc, got):
+            assert g_ == pytest.approx([_ref_loglik(config, w, later, c, t) for c, t in it.pairs], abs=2e-4)
     nll, hits = 0.0, 0
     for it, ll in zip(mc, want):
         s = torch.tensor(ll, dtype=torch.float64)
