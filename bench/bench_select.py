@@ -7,11 +7,19 @@ weights as written (dequantized), with the converter's sets and seeds. Use it to
 the calibration loss would have scored on the question sets, e.g.
 
     python bench/bench_select.py bench/out/qfull/taylor.gguf bench/out/qfull/tasks.gguf bench/out/qfull/layerdrop.gguf
+
+``--time`` instead times one probe (the selection loss of each level of the first file, as the converter's search
+measures a candidate) with the choices that share a context packed into one row and with one row per choice,
+alternating, and prints the medians:
+
+    python bench/bench_select.py --time bench/out/qfull/layerdrop.gguf --repeat 3
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +46,42 @@ def dense_table(path: str, questions: int) -> int:
     return 0
 
 
+def time_probe(path: str, questions: int, repeat: int) -> int:
+    """Seconds per selection-loss probe, packed vs one row per choice, on the first file's levels below 1."""
+    cfg, w, src = CV.load_model(path)
+    spec = contract.read_spec(src.fields, source=path) if src is not None else None
+    if spec is None:
+        raise SystemExit(f"{path}: no elms.* level table (not an elastic GGUF)")
+    encode, _ = CV.make_encoder(src, None)
+    if encode is None:
+        raise SystemExit(f"{path}: no BPE tokenizer the converter can run")
+    start = src.fields.get("tokenizer.ggml.bos_token_id", src.fields.get("tokenizer.ggml.eos_token_id", 0))
+    sets = E.selection_sets(encode, start=int(start), per_task=questions)  # type: ignore[arg-type]
+    fast = CV.cpu_has_fast_bf16()
+    probes = {pack: measure.TaskProbe(measure.Runner(cfg, w, fast=fast), sets, pack=pack) for pack in (True, False)}
+    tokens = {pack: sum(p.n_tokens for p in tp.probes.values()) for pack, tp in probes.items()}
+    print(f"{path}: sets {', '.join(probes[True].probes)}; {tokens[True]} tokens packed, {tokens[False]} one row "
+          f"per choice; {'bfloat16 autocast' if fast else 'float32'}, {torch.get_num_threads()} threads")
+    print("| level | packed s | one row per choice s | speed-up | loss packed | loss per choice |\n|---|---|---|---|---|---|")
+    for lv in spec.levels:
+        if lv.ratio >= 1.0:
+            continue
+        widths = M.level_widths(lv)
+        secs: dict[bool, list[float]] = {True: [], False: []}
+        loss: dict[bool, float] = {}
+        for _ in range(repeat):
+            for pack, tp in probes.items():  # logliks is what a probe runs (not memoised; the dense stream is cached)
+                t0 = time.perf_counter()
+                for p in tp.probes.values():
+                    p.logliks(widths)
+                secs[pack].append(time.perf_counter() - t0)
+                if pack not in loss:
+                    loss[pack] = tp.loss(widths)
+        a, b = statistics.median(secs[True]), statistics.median(secs[False])
+        print(f"| {lv.ratio:g} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {loss[True]:.5f} | {loss[False]:.5f} |", flush=True)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="elastic GGUFs (with a BPE tokenizer, e.g. SmolLM2 conversions)")
@@ -46,8 +90,13 @@ def main() -> int:
     p.add_argument("--dense", action="store_true",
                    help="only print the first model's dense accuracy on every set vs chance (what gates the sets); "
                         "any GGUF the converter reads, elastic or not")
+    p.add_argument("--time", action="store_true",
+                   help="time one probe per level of the first model, packed vs one row per choice (medians)")
+    p.add_argument("--repeat", type=int, default=3, help="--time: runs of each variant per level (default: %(default)s)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.time:
+        return time_probe(args.models[0], args.questions, args.repeat)
     if args.dense:
         return dense_table(args.models[0], args.questions)
     header = False

@@ -170,11 +170,11 @@ class ChoiceProbe:
     context is computed once, not once per choice (ARC / CSQA / HellaSwag rows are mostly context: ~1.7x fewer
     tokens on ``elms-convert --select tasks``' sets). And the dense residual stream is kept at the first layer a
     configuration changes (up to ``cached_layers`` such layers), so configurations that leave the first layers
-    full width (anchors) run from there on.
+    full width (anchors) run from there on. ``pack=False`` runs each choice as its own row (for timing the two).
     """
 
     def __init__(self, runner: Runner, items: Sequence[ChoiceItem], *, max_tokens: int = 2048,
-                 cached_layers: int = 4):
+                 cached_layers: int = 4, pack: bool = True):
         self.r, self.items = runner, list(items)
         if not self.items:
             raise ValueError("ChoiceProbe needs at least one item")
@@ -189,13 +189,14 @@ class ChoiceProbe:
         for ii, it in enumerate(self.items):
             if not 0 <= it.gold < len(it.pairs) or len(it.chars) != len(it.pairs):
                 raise ValueError(f"choice item {ii}: gold {it.gold} / {len(it.chars)} lengths for {len(it.pairs)} choices")
-            by_ctx: dict[tuple[int, ...], list[int]] = {}
+            by_ctx: dict[tuple, list[int]] = {}
             for ci, (ctx, cont) in enumerate(it.pairs):
                 if not ctx or not cont:
                     raise ValueError(f"choice item {ii}, choice {ci}: empty context or continuation")
-                by_ctx.setdefault(tuple(ctx), []).append(ci)
+                by_ctx.setdefault(tuple(ctx) if pack else (tuple(ctx), ci), []).append(ci)
                 self.n_unpacked += len(ctx) + len(cont) - 1
-            for ctx, cis in by_ctx.items():
+            for cis in by_ctx.values():
+                ctx = it.pairs[cis[0]][0]
                 tok, pos, seg, preds = list(ctx), list(range(len(ctx))), [0] * len(ctx), []
                 for j, ci in enumerate(cis, start=1):
                     cont = list(it.pairs[ci][1])
@@ -365,7 +366,7 @@ class TaskProbe:
     """
 
     def __init__(self, runner: Runner, sets: Mapping[str, Sequence[ChoiceItem]], *, max_tokens: int = 2048,
-                 min_z: float = 2.0):
+                 min_z: float = 2.0, pack: bool = True):
         if not sets:
             raise ValueError("TaskProbe needs at least one set")
         self.probes: dict[str, ChoiceProbe] = {}
@@ -373,7 +374,7 @@ class TaskProbe:
         self.temperature: dict[str, float] = {}
         self.dropped: dict[str, str] = {}
         for name, items in sets.items():
-            p = ChoiceProbe(runner, items, max_tokens=max_tokens)
+            p = ChoiceProbe(runner, items, max_tokens=max_tokens, pack=pack)
             if p.answers:
                 d = p.loss(None)
                 if not d > 0:

@@ -658,6 +658,10 @@ def test_choice_probe_scores_questions_as_the_reference_forward_does(arch):
     want = [[_ref_loglik(config, w, widths, c, t) for c, t in it.pairs] for it in mc]
     for g_, w_ in zip(got, want):
         assert g_ == pytest.approx(w_, abs=2e-4)
+    alone = measure.ChoiceProbe(runner, mc, max_tokens=24, pack=False)  # one row per choice, as packing replaces
+    assert alone.n_tokens == probe.n_unpacked and all(b[2] is None for b in alone.batches)
+    for g_, a_ in zip(got, alone.logliks(widths)):
+        assert g_ == pytest.approx(a_, abs=2e-4)
     # then configurations that first differ at layer 2 (dense layer 1 from the cached layer-1 input, then 2 and 3),
     # at layer 0 (nothing cached helps: 4 layers), nowhere (dense layers 2 and 3 from the cached layer-2 input)
     row_tokens = sum(b[0].numel() for b in probe.batches)
