@@ -8,11 +8,11 @@ the calibration loss would have scored on the question sets, e.g.
 
     python bench/bench_select.py bench/out/qfull/taylor.gguf bench/out/qfull/tasks.gguf bench/out/qfull/layerdrop.gguf
 
-``--time`` instead times one probe (the selection loss of each level of the first file, as the converter's search
+``--time`` instead times one probe (the selection loss of one level of the first file, as the converter's search
 measures a candidate) with the choices that share a context packed into one row and with one row per choice,
 alternating, and prints the medians:
 
-    python bench/bench_select.py --time bench/out/qfull/layerdrop.gguf --repeat 3
+    python bench/bench_select.py --time bench/out/qfull/layerdrop.gguf --level 0.7 --repeat 3
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def dense_table(path: str, questions: int) -> int:
     return 0
 
 
-def time_probe(path: str, questions: int, repeat: int) -> int:
-    """Seconds per selection-loss probe, packed vs one row per choice, on the first file's levels below 1."""
+def time_probe(path: str, questions: int, repeat: int, ratio: float) -> int:
+    """Seconds per selection-loss probe, packed vs one row per choice, at the file's level nearest ``ratio``."""
     cfg, w, src = CV.load_model(path)
     spec = contract.read_spec(src.fields, source=path) if src is not None else None
     if spec is None:
@@ -63,22 +63,20 @@ def time_probe(path: str, questions: int, repeat: int) -> int:
     print(f"{path}: sets {', '.join(probes[True].probes)}; {tokens[True]} tokens packed, {tokens[False]} one row "
           f"per choice; {'bfloat16 autocast' if fast else 'float32'}, {torch.get_num_threads()} threads")
     print("| level | packed s | one row per choice s | speed-up | loss packed | loss per choice |\n|---|---|---|---|---|---|")
-    for lv in spec.levels:
-        if lv.ratio >= 1.0:
-            continue
-        widths = M.level_widths(lv)
-        secs: dict[bool, list[float]] = {True: [], False: []}
-        loss: dict[bool, float] = {}
-        for _ in range(repeat):
-            for pack, tp in probes.items():  # logliks is what a probe runs (not memoised; the dense stream is cached)
-                t0 = time.perf_counter()
-                for p in tp.probes.values():
-                    p.logliks(widths)
-                secs[pack].append(time.perf_counter() - t0)
-                if pack not in loss:
-                    loss[pack] = tp.loss(widths)
-        a, b = statistics.median(secs[True]), statistics.median(secs[False])
-        print(f"| {lv.ratio:g} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {loss[True]:.5f} | {loss[False]:.5f} |", flush=True)
+    lv = spec.levels[spec.nearest_level(ratio)]
+    widths = M.level_widths(lv)
+    secs: dict[bool, list[float]] = {True: [], False: []}
+    loss: dict[bool, float] = {}
+    for _ in range(repeat):
+        for pack, tp in probes.items():  # logliks is what a probe runs (not memoised; the dense stream is cached)
+            t0 = time.perf_counter()
+            for p in tp.probes.values():
+                p.logliks(widths)
+            secs[pack].append(time.perf_counter() - t0)
+            if pack not in loss:
+                loss[pack] = tp.loss(widths)
+    a, b = statistics.median(secs[True]), statistics.median(secs[False])
+    print(f"| {lv.ratio:g} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {loss[True]:.5f} | {loss[False]:.5f} |", flush=True)
     return 0
 
 
@@ -91,12 +89,13 @@ def main() -> int:
                    help="only print the first model's dense accuracy on every set vs chance (what gates the sets); "
                         "any GGUF the converter reads, elastic or not")
     p.add_argument("--time", action="store_true",
-                   help="time one probe per level of the first model, packed vs one row per choice (medians)")
+                   help="time one probe at --level of the first model, packed vs one row per choice (medians)")
+    p.add_argument("--level", type=float, default=0.7, help="--time: the level ratio to probe (default: %(default)s)")
     p.add_argument("--repeat", type=int, default=3, help="--time: runs of each variant per level (default: %(default)s)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.time:
-        return time_probe(args.models[0], args.questions, args.repeat)
+        return time_probe(args.models[0], args.questions, args.repeat, args.level)
     if args.dense:
         return dense_table(args.models[0], args.questions)
     header = False
