@@ -46,8 +46,8 @@ def dense_table(path: str, questions: int) -> int:
     return 0
 
 
-def time_probe(path: str, questions: int, repeat: int, ratio: float) -> int:
-    """Seconds per selection-loss probe, packed vs one row per choice, at the file's level nearest ``ratio``."""
+def load_elastic(path: str, questions: int) -> tuple[M.ModelConfig, M.Weights, contract.ElasticSpec, dict]:
+    """An elastic GGUF's config, weights and level table, and the converter's question sets in its tokenizer."""
     cfg, w, src = CV.load_model(path)
     spec = contract.read_spec(src.fields, source=path) if src is not None else None
     if spec is None:
@@ -56,7 +56,12 @@ def time_probe(path: str, questions: int, repeat: int, ratio: float) -> int:
     if encode is None:
         raise SystemExit(f"{path}: no BPE tokenizer the converter can run")
     start = src.fields.get("tokenizer.ggml.bos_token_id", src.fields.get("tokenizer.ggml.eos_token_id", 0))
-    sets = E.selection_sets(encode, start=int(start), per_task=questions)  # type: ignore[arg-type]
+    return cfg, w, spec, E.selection_sets(encode, start=int(start), per_task=questions)  # type: ignore[arg-type]
+
+
+def time_probe(path: str, questions: int, repeat: int, ratio: float) -> int:
+    """Seconds per selection-loss probe, packed vs one row per choice, at the file's level nearest ``ratio``."""
+    cfg, w, spec, sets = load_elastic(path, questions)
     fast = CV.cpu_has_fast_bf16()
     probes = {pack: measure.TaskProbe(measure.Runner(cfg, w, fast=fast), sets, pack=pack) for pack in (True, False)}
     tokens = {pack: sum(p.n_tokens for p in tp.probes.values()) for pack, tp in probes.items()}
@@ -101,15 +106,7 @@ def main() -> int:
     header = False
     used: list[str] = []
     for path in args.models:
-        cfg, w, src = CV.load_model(path)
-        spec = contract.read_spec(src.fields, source=path)
-        if spec is None:
-            raise SystemExit(f"{path}: no elms.* level table (not an elastic GGUF)")
-        encode, _ = CV.make_encoder(src, None)
-        if encode is None:
-            raise SystemExit(f"{path}: no BPE tokenizer the converter can run")
-        start = src.fields.get("tokenizer.ggml.bos_token_id", src.fields.get("tokenizer.ggml.eos_token_id", 0))
-        sets = E.selection_sets(encode, start=int(start), per_task=args.questions)  # type: ignore[arg-type]
+        cfg, w, spec, sets = load_elastic(path, args.questions)
         if header:  # the sets the first file's dense model answers above chance, for every file alike
             sets = {k: v for k, v in sets.items() if k in used}
         probe = measure.TaskProbe(measure.Runner(cfg, w, fast=True), sets, min_z=float("-inf") if header else 2.0)
