@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,15 @@ class LossProbe:
         return self._memo[key]
 
 
+class _Batch(NamedTuple):
+    """Rows of a :class:`ChoiceProbe`, right-padded; ``pos`` / ``mask`` only where a row packs several choices."""
+
+    tokens: torch.Tensor  # [B, T]
+    pos: torch.Tensor | None  # [B, T] positions (None: 0..T-1)
+    mask: torch.Tensor | None  # [B, T, T], True = may attend (None: causal)
+    meta: list[tuple[int, int, int, list[int], list[int]]]  # (row, item, choice, predicting positions, continuation)
+
+
 @dataclass(frozen=True)
 class ChoiceItem:
     """One multiple-choice question as token ids: a (context, continuation) pair per choice (the contexts are
@@ -207,8 +216,7 @@ class ChoiceProbe:
                 rows.append((tok, pos, seg, preds))
         rows.sort(key=lambda row: len(row[0]))
         # length-sorted batches of about max_tokens, right-padded (pads are never attended to)
-        self.batches: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                                 list[tuple[int, int, int, list[int], list[int]]]]] = []
+        self.batches: list[_Batch] = []
         i = 0
         while i < len(rows):
             j = i + 1
@@ -229,7 +237,7 @@ class ChoiceProbe:
                     pos[b, :n] = torch.tensor(p)  # type: ignore[index]
                     mask[b, :n, :n] &= (sgt[None, :] == 0) | (sgt[None, :] == sgt[:, None])  # type: ignore[index]
                 meta += [(b, ii, ci, at, cont) for ii, ci, at, cont in preds]
-            self.batches.append((tok, pos, mask, meta))
+            self.batches.append(_Batch(tok, pos, mask, meta))
             i = j
         self.n_tokens = sum(len(row[0]) for row in rows)
         self.cached_layers = cached_layers

@@ -653,18 +653,18 @@ def test_choice_probe_scores_questions_as_the_reference_forward_does(arch):
     probe = measure.ChoiceProbe(runner, mc, max_tokens=24)  # several batches
     assert len(probe.batches) > 1
     # choices that share a context are packed into one row: fewer tokens than one sequence per choice
-    assert any(b[2] is not None for b in probe.batches) and probe.n_tokens < probe.n_unpacked
+    assert any(b.mask is not None for b in probe.batches) and probe.n_tokens < probe.n_unpacked
     got = probe.logliks(widths)
     want = [[_ref_loglik(config, w, widths, c, t) for c, t in it.pairs] for it in mc]
     for g_, w_ in zip(got, want):
         assert g_ == pytest.approx(w_, abs=2e-4)
     alone = measure.ChoiceProbe(runner, mc, max_tokens=24, pack=False)  # one row per choice, as packing replaces
-    assert alone.n_tokens == probe.n_unpacked and all(b[2] is None for b in alone.batches)
+    assert alone.n_tokens == probe.n_unpacked and all(b.mask is None for b in alone.batches)
     for g_, a_ in zip(got, alone.logliks(widths)):
         assert g_ == pytest.approx(a_, abs=2e-4)
     # then configurations that first differ at layer 2 (dense layer 1 from the cached layer-1 input, then 2 and 3),
     # at layer 0 (nothing cached helps: 4 layers), nowhere (dense layers 2 and 3 from the cached layer-2 input)
-    row_tokens = sum(b[0].numel() for b in probe.batches)
+    row_tokens = sum(b.tokens.numel() for b in probe.batches)
     for later, layers_run in (([(2, 512), (2, 512), (1, 128), (2, 0)], 3),
                               ([(0, 512), (2, 512), (2, 512), (2, 512)], 4), (None, 2)):
         before = runner.tokens_run
