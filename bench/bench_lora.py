@@ -406,7 +406,7 @@ def doc_section(rep: dict, levels: list[tuple[int, float]]) -> str:
       "rows; PPL is on held-out stories the adapters never saw, computed by llama.cpp with the adapter applied "
       "through the runtime's views.")
     a("* The held-out prose is CoQA like the training prose: part of the PPL gain can be domain fit (the same caveat "
-      "as research/quality-feasibility.md 5c). The multiple-choice tasks of `bench/bench_quality.py` "
+      "as ../shared/research/quality-feasibility.md 5c). The multiple-choice tasks of `bench/bench_quality.py` "
       "(`taylor+lora`) are the out-of-domain check.")
     a("* A level whose non-anchor layers are all skipped (width 0) keeps only the anchors: its LoRA can only adapt "
       "the anchors, hence the huge but still far-from-dense figures at the lowest ratio.")

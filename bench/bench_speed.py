@@ -13,7 +13,7 @@ For every level of an elastic GGUF this prints, measured side by side with the s
     python bench/bench_speed.py --model models/smollm2-135m-elastic-q4_1.gguf          # a converted model
     python bench/bench_speed.py --synthetic                                          # SmolLM2 + uniform levels
 
-``--synthetic`` adds uniform levels (the widths of research/anchor-speeds.md) to the original SmolLM2 GGUF:
+``--synthetic`` adds uniform levels (the widths of ../shared/research/anchor-speeds.md) to the original SmolLM2 GGUF:
 speed does not depend on the unit order, so this measures the runtime before/without elms-convert.
 Run on a quiet machine (check ``uptime``): 2-vCPU VMs vary +-10-15 % run to run.
 """

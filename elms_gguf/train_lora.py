@@ -1,7 +1,7 @@
 """elms-train-lora: train one LoRA per elastic level by self-distillation and attach them to the elastic GGUF.
 
 ELMS recovers every sub-model with its own LoRA (rank 8, alpha 16, all seven linears of every layer, anchors
-included; research/elms-paper.md section 2). Here each level's adapter is trained **on the sub-model as the
+included; ../shared/research/elms-paper.md section 2). Here each level's adapter is trained **on the sub-model as the
 runtime computes it**: the elastic GGUF's own (dequantized) weights, prefix slices of the reordered rows/columns at
 the level's per-layer widths, anchors full, skipped blocks skipped -- i.e. :func:`elms_gguf.model.forward` with
 ``widths=level`` and ``lora=...``. A and B are trained at the *active* shapes only (A: ``[r, active in]``,
@@ -33,7 +33,9 @@ B zero, so step 0 is the un-recovered sub-model. On CPU the frozen weights are h
 under autocast (``fast``, as the converter's loss probes); ``--precise`` trains in float32. CUDA is used when
 present. Presets: ``demo`` (default, sized for a 2-core CPU) and ``full`` (a GPU-sized run); every size is a flag.
 
-Export: ``<out stem>.level<i>.lora.gguf`` next to the output model (F32, zero-padded, ``elms.adapter.*`` keys),
+Export: ``<out stem>.level<i>.lora.gguf`` next to the output model (compact: A/B cut to the level's widths,
+stored as ``--adapter-type``, ``auto`` by default: Q8_0 where the widths are whole blocks, else F16;
+``elms.adapter.*`` keys),
 then the model's level table is rewritten so each level names its adapter and CRC-32
 (:func:`elms_gguf.lora.rewrite_spec`: metadata only, tensor bytes identical, atomic). The input model is left
 untouched unless ``--in-place`` (or ``out=None`` in :func:`train_all_levels`, which the converter uses on its own
