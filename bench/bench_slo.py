@@ -149,6 +149,20 @@ def _with_slo(d: O.Decision, slo: SLO, prof, n_full: int, n_decode: int) -> O.De
     return d
 
 
+def reachable(llm, app: TK.AppPrompts, item: TK.MCItem, slo: SLO, n_decode: int) -> bool:
+    """Whether this request's SLO is within reach of the elastic model on this device at all: its profile's
+    *medians* (no calibration margin) predict some level, with the context compressed down to the planner's
+    ``min_prompt_ratio`` if need be, meeting both targets. Mode-independent, so every mode is split alike."""
+    q = app.question(item)
+    n_full = llm.count_tokens(app.context + "\n\n" + q, add_bos=True)
+    n_c = llm.count_tokens(app.context)
+    levels = [li.index for li in llm.levels if li.index in llm.profile.levels]
+    d = O.decide(llm.profile, slo, n_fixed=n_full - n_c, n_compressible=n_c, levels=levels, best_effort=True,
+                 scorer_ms=llm._scorer_ms([app.context]), min_prompt_ratio=llm.min_prompt_ratio,
+                 n_decode=n_decode)
+    return bool(d.feasible)
+
+
 def run_request(llm, mode: str, app: TK.AppPrompts, item: TK.MCItem, slo: SLO, n_decode: int) -> dict:
     q = app.question(item)
     ctx = app.context
@@ -225,13 +239,16 @@ def main(argv=None) -> int:
     for llm in llms.values():
         llm.warmup()
     results: dict[str, dict[str, list[dict]]] = {m: {} for m in modes}
+    served = {k: 0 for k in llms}
     t_start = time.time()
     for app_name, (tt, tp) in apps:
         app = TK.app_prompts(app_name, n_items=args.n, seed=1)
         slo = SLO.relative(tt, tp)
         for item in app.items:
+            reach = reachable(llms["tlm"], app, item, slo, args.decode)
             for mode in modes:  # interleaved: every mode sees the same background load
-                llm = llms["selfinfo" if mode == "ours_selfinfo" else "layerdrop" if mode == "layerdrop" else "tlm"]
+                key = "selfinfo" if mode == "ours_selfinfo" else "layerdrop" if mode == "layerdrop" else "tlm"
+                llm = llms[key]
                 llm.headroom = 0.1 if mode == "ours_h10" else 0.0
                 head, cal = llm.decision_head, llm.calibration
                 if mode == "ours_rule":
@@ -247,6 +264,8 @@ def main(argv=None) -> int:
                     llm.decision_head, llm.calibration = head, cal
                     if cal is not None:
                         cal.quantile = q
+                r["reachable"], r["seq"] = reach, served[key]  # seq: requests this process served before
+                served[key] += 1
                 if mode in ("ours_median", "ours_h10") and cal is not None:
                     cal.observe(**{k: r[k] for k in ("predicted_ttft_ms", "measured_ttft_ms", "predicted_tpot_ms",
                                                      "measured_tpot_ms")})
@@ -294,8 +313,36 @@ def summarize(results, apps, alphas):
             names = [a for a, _ in apps if a in rows]
             trace[f"alpha={al:g}"] = {k: float(sum(wi * rows[a][k] for wi, a in zip(w, names)))
                                       for k in ("accuracy", "attainment", "on_time_accuracy")}
-        out[mode] = {"apps": rows, "trace": trace}
+        out[mode] = {"apps": rows, "trace": trace, "pooled": pooled(per_app, [a for a, _ in apps])}
     return out
+
+
+FIRST = 3  # "first requests" of a serving process: the first FIRST it served (whatever the mode)
+
+
+def pooled(per_app, apps) -> dict[str, float]:
+    """Unweighted figures over every request of a mode: attainment, attainment on the requests whose SLO the
+    elastic model's profile can meet at all (``reachable``), and attainment / measured-over-predicted TTFT of the
+    process's first FIRST requests vs the later ones, and the scorer's measured / predicted time on the requests
+    that scored a new context (runs saved before these fields existed give NaN)."""
+    rs = [r for a in apps for r in per_app.get(a, [])]
+    nan = float("nan")
+
+    def att(sel):
+        return float(np.mean([r["met"] for r in sel])) if sel else nan
+
+    def err(sel):
+        return float(np.median([r["measured_ttft_ms"] / r["predicted_ttft_ms"] for r in sel])) if sel else nan
+
+    scored = [r["tlm_ms"] / r["predicted_scorer_ms"] for r in rs
+              if not r.get("score_cache_hit", True) and r.get("tlm_ms") and r.get("predicted_scorer_ms")]
+    reach = [r for r in rs if r.get("reachable")]
+    first = [r for r in rs if r.get("seq", FIRST) < FIRST]
+    later = [r for r in rs if r.get("seq", -1) >= FIRST]
+    return {"n": len(rs), "attainment": att(rs), "n_reachable": len(reach) if rs and "reachable" in rs[0] else nan,
+            "attainment_reachable": att(reach), "n_first": len(first), "attainment_first": att(first),
+            "attainment_later": att(later), "ttft_err_first": err(first), "ttft_err_later": err(later),
+            "n_scored": len(scored), "scorer_err": float(np.median(scored)) if scored else nan}
 
 
 def format_summary(summary, modes, apps) -> str:
@@ -315,6 +362,21 @@ def format_summary(summary, modes, apps) -> str:
     for al in next(iter(summary.values()))["trace"]:
         lines.append(f"on time {al:<18} " + "".join(
             f"{summary[m]['trace'][al].get('on_time_accuracy', float('nan')):>9.2f}               " for m in modes))
+    if all("pooled" in summary[m] for m in modes):
+        lines.append("all requests, unweighted   " + "".join(
+            f"{'att %.2f of %d' % (summary[m]['pooled']['attainment'], summary[m]['pooled']['n']):>22}" for m in modes))
+        lines.append("  SLO reachable (profile)  " + "".join(
+            f"{'att %.2f of %s' % (summary[m]['pooled']['attainment_reachable'], summary[m]['pooled']['n_reachable']):>22}"
+            for m in modes))
+        lines.append(f"  first {FIRST} of the process  " + "".join(
+            f"{'att %.2f ttft x%.2f' % (summary[m]['pooled']['attainment_first'], summary[m]['pooled']['ttft_err_first']):>22}"
+            for m in modes))
+        lines.append("  later requests           " + "".join(
+            f"{'att %.2f ttft x%.2f' % (summary[m]['pooled']['attainment_later'], summary[m]['pooled']['ttft_err_later']):>22}"
+            for m in modes))
+        lines.append("  scorer on new contexts   " + "".join(
+            f"{'x%.2f of profile (%d)' % (summary[m]['pooled']['scorer_err'], summary[m]['pooled']['n_scored']):>22}"
+            for m in modes))
     return "\n".join(lines)
 
 

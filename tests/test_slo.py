@@ -366,3 +366,25 @@ def test_bench_slo_counts_an_answer_on_time_only_when_its_slo_was_met():
     with pytest.raises(ValueError, match="same questions"):
         b.paired({"a": {"piqa": a}, "b": {"piqa": c[:3]}}, "a", "b", ["piqa"])
     assert "a - b" in b.format_pairs(results, "a")
+
+
+def test_bench_slo_splits_attainment_by_reachable_slo_and_by_the_first_requests_of_the_process():
+    b = _bench_slo()
+    rs = [_request(True, met) for met in (False, False, True, True, True, False)]
+    for i, (r, reach) in enumerate(zip(rs, (True, False, True, True, True, False))):
+        r["reachable"], r["seq"] = reach, i
+    rs[1]["measured_ttft_ms"] = 160.0  # 2.0x its prediction, among the first FIRST
+    rs[0].update(tlm_ms=30.0, predicted_scorer_ms=20.0, score_cache_hit=False)  # scored a new context
+    rs[2].update(tlm_ms=0.0, predicted_scorer_ms=0.0, score_cache_hit=True)
+    s = b.summarize({"a": {"piqa": rs}}, [("piqa", (0.2, 0.6))], [0.0])["a"]["pooled"]
+    assert b.FIRST == 3
+    assert s["n"] == 6 and s["attainment"] == 0.5
+    assert s["n_reachable"] == 4 and s["attainment_reachable"] == 0.75  # met on seq 2, 3, 4 of 0, 2, 3, 4
+    assert s["n_first"] == 3 and s["attainment_first"] == pytest.approx(1 / 3)
+    assert s["attainment_later"] == pytest.approx(2 / 3)
+    assert s["ttft_err_first"] == 90.0 / 80.0 and s["ttft_err_later"] == 90.0 / 80.0
+    assert s["n_scored"] == 1 and s["scorer_err"] == 1.5
+    old = b.summarize({"a": {"piqa": [_request(True, True)]}}, [("piqa", (0.2, 0.6))], [0.0])["a"]["pooled"]
+    assert old["attainment"] == 1.0 and math.isnan(old["n_reachable"]) and math.isnan(old["attainment_first"])
+    assert "SLO reachable" in b.format_summary(b.summarize({"a": {"piqa": rs}}, [("piqa", (0.2, 0.6))], [0.0]),
+                                               ["a"], [("piqa", (0.2, 0.6))])
