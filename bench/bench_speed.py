@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     uptime = open("/proc/loadavg").read().split()[:3]
     print(f"\n{cmd}\n(threads {args.threads}, {args.rounds} interleaved rounds x {args.reps} reps, tok/s medians of "
           f"all samples; 'paired': median and quartiles of the per-round elastic/truncated ratios, the two runs of a "
-          f"round back to back, alternating which goes first; load average at end {' '.join(uptime)})\n")
+          f"round back to back, alternating which goes first; load average at end {' '.join(uptime)}; "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY') or 'unset'})\n")
     print(table)
     if args.out:
         args.out.write_text(f"`{cmd}`\n\n{table}")

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import os
 
-# Before torch loads OpenMP: idle OpenMP threads that spin instead of sleeping burn ~4x the CPU time of the work
-# itself when the machine is shared (measured: 29 s vs 6.5 s user time for the same probes). Only a default.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":  # `python -m elms_gguf.convert`: as the elms-convert entry point, before torch loads
+    from elms_gguf.cli import sleep_idle_openmp
+
+    sleep_idle_openmp()
 
 import argparse
 import hashlib

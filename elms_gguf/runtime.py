@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -134,6 +135,15 @@ class LevelInfo:
     ratio: float
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_if_openmp_sleeps() -> None:
+    """Once per process: llama.cpp's CPU backend waits on an OpenMP barrier at every graph node, and under
+    ``OMP_WAIT_POLICY=PASSIVE`` each wait is a sleep, which halves decode speed (see :mod:`elms_gguf.cli`)."""
+    if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        log.warning("OMP_WAIT_POLICY=PASSIVE: llama.cpp's CPU threads sleep at every graph barrier, so decoding "
+                    "runs about half as fast; unset it for serving, profiling and benchmarks")
+
+
 class ElasticLlama(llama_cpp.Llama):
     """A :class:`llama_cpp.Llama` that runs one level of an elastic (ELMS) GGUF.
 
@@ -170,6 +180,7 @@ class ElasticLlama(llama_cpp.Llama):
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"model file not found: {model_path}")
         lib()  # fail early and clearly on an unpatched libllama
+        _warn_if_openmp_sleeps()
         errors: list[str] = []
         with _elastic_load_env(elms_lora, errors):
             try:

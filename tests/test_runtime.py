@@ -223,6 +223,54 @@ def test_dense_gguf_works_through_elastic_llama(tiny_llama):
         llm.close()
 
 
+def test_importing_the_converter_leaves_openmp_spinning_and_only_its_cli_makes_it_sleep():
+    # llama.cpp waits on an OpenMP barrier at every graph node: a serving or benchmark process that imports the
+    # converter (bench_slo imports it through bench_quality) must not inherit OMP_WAIT_POLICY=PASSIVE, which
+    # halves decode speed. The torch-heavy CLIs still get it, before torch loads libgomp.
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import os, sys, elms_gguf.convert, elms_gguf.train_lora, elms_gguf.serve\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))\n"
+            "from elms_gguf import cli\n"
+            "for entry in (cli.convert, cli.train_lora):\n"
+            "    sys.argv = ['x', '--help']\n"
+            "    try:\n"
+            "        entry()\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0, e.code\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[0] == "None"
+    assert out.stdout.splitlines()[-1] == "PASSIVE"
+    for module in ("convert", "train_lora"):  # `python -m elms_gguf.<module>` sets it too, before torch loads
+        out = subprocess.run([sys.executable, "-c", f"import runpy, sys, os; sys.argv = ['x', '--help']\n"
+                              f"try:\n    runpy.run_module('elms_gguf.{module}', run_name='__main__')\n"
+                              f"except SystemExit:\n    print(os.environ.get('OMP_WAIT_POLICY'))"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.stdout.splitlines()[-1] == "PASSIVE", (module, out.stderr[-2000:])
+
+
+def test_elastic_llama_warns_once_when_openmp_sleeps(tiny_llama, monkeypatch, caplog):
+    from elms_gguf import runtime
+
+    runtime._warn_if_openmp_sleeps.cache_clear()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    with caplog.at_level("WARNING", logger="elms_gguf.runtime"):
+        for _ in range(2):
+            open_llm(tiny_llama.path).close()
+    warned = [r.message for r in caplog.records if "OMP_WAIT_POLICY" in r.message]
+    assert len(warned) == 1 and "OMP_WAIT_POLICY=PASSIVE" in warned[0] and "half as fast" in warned[0]
+    runtime._warn_if_openmp_sleeps.cache_clear()
+    caplog.clear()
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    with caplog.at_level("WARNING", logger="elms_gguf.runtime"):
+        open_llm(tiny_llama.path).close()
+    assert not [r for r in caplog.records if "OMP_WAIT_POLICY" in r.message]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # per-level LoRA
 

@@ -388,3 +388,24 @@ def test_bench_slo_splits_attainment_by_reachable_slo_and_by_the_first_requests_
     assert old["attainment"] == 1.0 and math.isnan(old["n_reachable"]) and math.isnan(old["attainment_first"])
     assert "SLO reachable" in b.format_summary(b.summarize({"a": {"piqa": rs}}, [("piqa", (0.2, 0.6))], [0.0]),
                                                ["a"], [("piqa", (0.2, 0.6))])
+
+
+def test_bench_slo_holds_every_mode_to_the_reference_profiles_milliseconds():
+    b = _bench_slo()
+
+    class Tok:
+        def count_tokens(self, text, add_bos=False):
+            return len(text.split()) + int(add_bos)
+
+    class App:
+        context = "a b c d e f g h"
+
+    app = App()
+    app.question = lambda item: "q r"  # 8 + 2 words + BOS = 11 tokens
+    ref, other = synthetic_profile(tpot_dense=20.0), synthetic_profile(tpot_dense=30.0, ms_per_token=3.0)
+    s = b.shared_slo(ref, SLO.relative(0.5, 0.8), Tok(), app, None, 4)
+    assert not s.is_relative
+    assert s.ttft_ms == pytest.approx(0.5 * (5.0 + 2.0 * 11)) and s.tpot_ms == pytest.approx(0.8 * 20.0)
+    assert s.resolve(other, 11, 4) == s.resolve(ref, 11, 4)  # the other model's profile no longer moves it
+    assert SLO.relative(0.5, 0.8).resolve(other, 11, 4) != s.resolve(ref, 11, 4)
+    assert b.shared_slo(ref, SLO.relative(None, 0.8), Tok(), app, None, 4).ttft_ms is None

@@ -39,6 +39,13 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
     "$PY" -m pip install -q --no-deps "$SDIST/vendor/llama.cpp/gguf-py"
     CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" \
         "$PY" -m pip install -q --no-build-isolation --no-deps --force-reinstall "$SDIST"
+    echo "$want" > "$stamp"
+fi
+# this project, editable; again whenever pyproject.toml changes (entry points, metadata)
+stamp="$VENV/.elms-project"
+want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    echo "setup: installing elms-gguf (editable)"
     "$PY" -m pip install -q --no-deps -e "$ROOT" >"$VENV/.elms-install.log" 2>&1 || {
         cat "$VENV/.elms-install.log" >&2; exit 1; }
     echo "$want" > "$stamp"
