@@ -34,11 +34,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from docblock import write_block  # noqa: E402
+from elms_gguf.cli import sleep_idle_openmp  # noqa: E402  (loads no OpenMP runtime)
 
 # llama.cpp's CPU backend runs on OpenMP: on a shared machine spinning idle workers make the perplexity passes 2x
 # slower. Sleep instead for the quality/memory parts; llama-bench gets the caller's environment unchanged.
 _CALLER_OMP = os.environ.get("OMP_WAIT_POLICY")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sleep_idle_openmp()
 
 log = logging.getLogger("bench_lora")
 BIN = Path(os.environ.get("ELMS_LLAMA_LIB_DIR", ROOT / "build" / "llama" / "bin"))

@@ -150,26 +150,28 @@ def _with_slo(d: O.Decision, slo: SLO, prof, n_full: int, n_decode: int) -> O.De
     return d
 
 
-def shared_slo(prof, slo: SLO, llm, app: TK.AppPrompts, item: TK.MCItem, n_decode: int) -> SLO:
-    """``slo`` in milliseconds for this request (its full prompt's length, ``n_decode`` intervals), against the
+def request_tokens(llm, app: TK.AppPrompts, item: TK.MCItem) -> tuple[int, int]:
+    """(whole prompt with BOS, compressible context) token counts of this request, as ``run_request`` sends it."""
+    return (llm.count_tokens(app.context + "\n\n" + app.question(item), add_bos=True),
+            llm.count_tokens(app.context))
+
+
+def shared_slo(prof, slo: SLO, n_full: int, n_decode: int) -> SLO:
+    """``slo`` in milliseconds for a request of ``n_full`` prompt tokens and ``n_decode`` intervals, against the
     dense latency of one profile (``--slo-reference shared``: the elastic model's), so every mode is held to the same
     targets, as an app's SLO is. Resolved against each model's own profile instead, a dense run measured high in one
     of the two profiles loosens that model's targets alone."""
-    n_full = llm.count_tokens(app.context + "\n\n" + app.question(item), add_bos=True)
     t, p = slo.resolve(prof, n_full, n_decode)
     return SLO(ttft_ms=None if math.isinf(t) else t, tpot_ms=None if math.isinf(p) else p)
 
 
-def reachable(llm, app: TK.AppPrompts, item: TK.MCItem, slo: SLO, n_decode: int) -> bool:
+def reachable(llm, context: str, slo: SLO, n_full: int, n_c: int, n_decode: int) -> bool:
     """Whether this request's SLO is within reach of the elastic model on this device at all: its profile's
     *medians* (no calibration margin) predict some level, with the context compressed down to the planner's
     ``min_prompt_ratio`` if need be, meeting both targets. Mode-independent, so every mode is split alike."""
-    q = app.question(item)
-    n_full = llm.count_tokens(app.context + "\n\n" + q, add_bos=True)
-    n_c = llm.count_tokens(app.context)
     levels = [li.index for li in llm.levels if li.index in llm.profile.levels]
     d = O.decide(llm.profile, slo, n_fixed=n_full - n_c, n_compressible=n_c, levels=levels, best_effort=True,
-                 scorer_ms=llm._scorer_ms([app.context]), min_prompt_ratio=llm.min_prompt_ratio,
+                 scorer_ms=llm._scorer_ms([context]), min_prompt_ratio=llm.min_prompt_ratio,
                  n_decode=n_decode)
     return bool(d.feasible)
 
@@ -177,8 +179,7 @@ def reachable(llm, app: TK.AppPrompts, item: TK.MCItem, slo: SLO, n_decode: int)
 def run_request(llm, mode: str, app: TK.AppPrompts, item: TK.MCItem, slo: SLO, n_decode: int) -> dict:
     q = app.question(item)
     ctx = app.context
-    n_full = llm.count_tokens(ctx + "\n\n" + q, add_bos=True)
-    n_c = llm.count_tokens(ctx)
+    n_full, n_c = request_tokens(llm, app, item)
     d = baseline_decision(llm, mode, slo, n_full - n_c, n_c, ctx, n_decode)
     from elms_gguf.runtime import llama_cpp
 
@@ -258,11 +259,11 @@ def main(argv=None) -> int:
     t_start = time.time()
     for app_name, (tt, tp) in apps:
         app = TK.app_prompts(app_name, n_items=args.n, seed=1)
-        slo = SLO.relative(tt, tp)
+        rel = SLO.relative(tt, tp)
         for item in app.items:
-            if args.slo_reference == "shared":
-                slo = shared_slo(llms["tlm"].profile, SLO.relative(tt, tp), llms["tlm"], app, item, args.decode)
-            reach = reachable(llms["tlm"], app, item, slo, args.decode)
+            n_full, n_c = request_tokens(llms["tlm"], app, item)
+            slo = shared_slo(llms["tlm"].profile, rel, n_full, args.decode) if args.slo_reference == "shared" else rel
+            reach = reachable(llms["tlm"], app.context, slo, n_full, n_c, args.decode)
             for mode in modes:  # interleaved: every mode sees the same background load
                 key = "selfinfo" if mode == "ours_selfinfo" else "layerdrop" if mode == "layerdrop" else "tlm"
                 llm = llms[key]
@@ -291,13 +292,13 @@ def main(argv=None) -> int:
             f"{m} acc {np.mean([r['correct'] for r in results[m][app_name]]):.2f} "
             f"att {np.mean([r['met'] for r in results[m][app_name]]):.2f}" for m in modes))
     summary = summarize(results, apps, [float(a) for a in args.alpha.split(",")])
-    print(format_summary(summary, modes, apps))
-    print(format_pairs(results, args.versus))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(args.out, "w") as f:  # saved first: the run is never lost to a report that cannot be printed
         json.dump({"summary": summary, "results": results, "args": vars(args),
                    "profile": llms["tlm"].profile.model, "device": llms["tlm"].profile.device}, f, indent=1,
                   default=float)
+    print(format_summary(summary, modes, apps))
+    print(format_pairs(results, args.versus))
     print(f"wrote {args.out}")
     return 0
 
@@ -424,6 +425,9 @@ def format_pairs(results, versus: str) -> str:
             continue
         common = [ap for ap in results[versus] if ap in results[m]]
         for name, aps in [("all apps", common)] + [(ap, [ap]) for ap in common]:
+            if min(sum(len(results[k][ap]) for ap in aps) for k in (versus, m)) < 2:
+                lines.append(f"  {versus} - {m:<12} {name:<11} fewer than 2 questions: no standard error")
+                continue
             p = paired(results, versus, m, aps)
             lines.append(f"  {versus} - {m:<12} {name:<11} n={p['n']:<4} {p['accuracy_diff']:+.3f} ± {p['accuracy_se']:.3f}"
                          f" | {p['on_time_accuracy_a']:.3f} vs {p['on_time_accuracy_b']:.3f}: "

@@ -245,6 +245,11 @@ def test_importing_the_converter_leaves_openmp_spinning_and_only_its_cli_makes_i
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[0] == "None"
     assert out.stdout.splitlines()[-1] == "PASSIVE"
+    # ... and the entry points' module loads no OpenMP runtime itself, so the policy they set can still take effect
+    out = subprocess.run([sys.executable, "-c", "import elms_gguf.cli\n"
+                          "print(any('libgomp' in line for line in open('/proc/self/maps')))"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
     for module in ("convert", "train_lora"):  # `python -m elms_gguf.<module>` sets it too, before torch loads
         out = subprocess.run([sys.executable, "-c", f"import runpy, sys, os; sys.argv = ['x', '--help']\n"
                               f"try:\n    runpy.run_module('elms_gguf.{module}', run_name='__main__')\n"

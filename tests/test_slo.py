@@ -366,6 +366,9 @@ def test_bench_slo_counts_an_answer_on_time_only_when_its_slo_was_met():
     with pytest.raises(ValueError, match="same questions"):
         b.paired({"a": {"piqa": a}, "b": {"piqa": c[:3]}}, "a", "b", ["piqa"])
     assert "a - b" in b.format_pairs(results, "a")
+    one = {"a": {"piqa": a, "sciq": a[:1]}, "b": {"piqa": c, "sciq": c[:1]}}  # one sciq question: no SE there
+    report = b.format_pairs(one, "a")
+    assert "sciq        fewer than 2 questions" in report and "a - b            piqa" in report
 
 
 def test_bench_slo_splits_attainment_by_reachable_slo_and_by_the_first_requests_of_the_process():
@@ -400,12 +403,15 @@ def test_bench_slo_holds_every_mode_to_the_reference_profiles_milliseconds():
     class App:
         context = "a b c d e f g h"
 
-    app = App()
-    app.question = lambda item: "q r"  # 8 + 2 words + BOS = 11 tokens
+        def question(self, item):
+            return "q r"
+
+    n_full, n_c = b.request_tokens(Tok(), App(), None)
+    assert (n_full, n_c) == (11, 8)  # 8 + 2 words + BOS
     ref, other = synthetic_profile(tpot_dense=20.0), synthetic_profile(tpot_dense=30.0, ms_per_token=3.0)
-    s = b.shared_slo(ref, SLO.relative(0.5, 0.8), Tok(), app, None, 4)
+    s = b.shared_slo(ref, SLO.relative(0.5, 0.8), n_full, 4)
     assert not s.is_relative
     assert s.ttft_ms == pytest.approx(0.5 * (5.0 + 2.0 * 11)) and s.tpot_ms == pytest.approx(0.8 * 20.0)
     assert s.resolve(other, 11, 4) == s.resolve(ref, 11, 4)  # the other model's profile no longer moves it
     assert SLO.relative(0.5, 0.8).resolve(other, 11, 4) != s.resolve(ref, 11, 4)
-    assert b.shared_slo(ref, SLO.relative(None, 0.8), Tok(), app, None, 4).ttft_ms is None
+    assert b.shared_slo(ref, SLO.relative(None, 0.8), n_full, 4).ttft_ms is None
