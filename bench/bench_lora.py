@@ -3,7 +3,7 @@
     python bench/bench_lora.py                                   # train (demo preset) + measure everything
     python bench/bench_lora.py --trained bench/out/lora/smollm2-elastic-lora.gguf   # measure an existing result
 
-Model: ``--model``, else ``/tmp/smollm2-elastic.gguf`` or ``models/smollm2-135m-elastic-q4_1.gguf`` if present,
+Model: ``--model``, else ``/tmp/smollm2-elastic.gguf`` or ``models/smollm2-135m-elastic-q4_0.gguf`` if present,
 else ``elms-convert`` with defaults into ``bench/out/lora/``. Prints, and writes to ``bench/out/lora/report.json``:
 
 * training: ``elms-train-lora MODEL -o OUT --preset P`` in a subprocess (``nice -n 10``): wall time, per-level time,
@@ -44,7 +44,7 @@ sleep_idle_openmp()
 log = logging.getLogger("bench_lora")
 BIN = Path(os.environ.get("ELMS_LLAMA_LIB_DIR", ROOT / "build" / "llama" / "bin"))
 PY = sys.executable
-CANDIDATES = (Path("/tmp/smollm2-elastic.gguf"), ROOT / "models" / "smollm2-135m-elastic-q4_1.gguf")
+CANDIDATES = (Path("/tmp/smollm2-elastic.gguf"), ROOT / "models" / "smollm2-135m-elastic-q4_0.gguf")
 
 
 def find_model(explicit: str | None, out_dir: Path) -> Path:

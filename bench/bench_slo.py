@@ -35,7 +35,7 @@ log-probability after ``Answer:`` (cloze, as ELMS). A request *attains* its SLO 
 are within it (DistServe-style). The trace figures weight the apps by ``exp(alpha * i)`` (paper: alpha in
 {0, 0.25, -0.25}).
 
-    python bench/bench_slo.py --model models/smollm2-135m-elastic-q4_1.gguf --tlm models/tlm-minilm-l1.gguf -n 30 --threads 2
+    python bench/bench_slo.py --model models/smollm2-135m-elastic-q4_0.gguf --tlm models/tlm-minilm-l1.gguf -n 30 --threads 2
 """
 from __future__ import annotations
 

@@ -4,13 +4,15 @@ For every level of an elastic GGUF this prints, measured side by side with the s
 
 * prefill (pp512) and decode (tg128) tokens/s of the level (``llama-bench --elms-ratio``) and of the physically
   truncated GGUF of the same widths (``elms_gguf.truncate.export_static``, loaded by the stock code path), both
-  without weight repacking, in interleaved rounds (median over all samples), and their ratio (target >= 0.95),
+  with llama.cpp's defaults, i.e. weights repacked where the CPU repacks their type (``--baseline stock``, the
+  default: what a user would run instead; ``--baseline norepack`` runs both with ``--repack 0``), in interleaved
+  rounds (median over all samples), and their ratio (target >= 0.95; the full level against the dense file >= 0.97),
   plus the *paired* ratio: the median (and quartiles) of each round's elastic/truncated ratio, the two runs of a
   round back to back with the order alternating, which cancels most of the machine's slow drift;
 * the time to switch level in a running process (set level + KV-cache clear) vs loading the truncated GGUF in
   process (model load + context + first decode).
 
-    python bench/bench_speed.py --model models/smollm2-135m-elastic-q4_1.gguf          # a converted model
+    python bench/bench_speed.py --model models/smollm2-135m-elastic-q4_0.gguf          # a converted model
     python bench/bench_speed.py --synthetic                                          # SmolLM2 + uniform levels
 
 ``--synthetic`` adds uniform levels (the widths of ../shared/research/anchor-speeds.md) to the original SmolLM2 GGUF:
@@ -56,10 +58,10 @@ def synthetic_elastic(dst: Path) -> Path:
 
 
 def llama_bench(model_path: Path, *, ratio: float | None, threads: int, reps: int, pp: int, tg: int,
-                env: dict[str, str] | None = None) -> dict[str, list[float]]:
-    """Per-sample tokens/s of one llama-bench run (no repacking), keyed pp<N> / tg<N>."""
+                repack: bool = True, env: dict[str, str] | None = None) -> dict[str, list[float]]:
+    """Per-sample tokens/s of one llama-bench run, keyed pp<N> / tg<N> (``repack``: llama.cpp's default)."""
     cmd = [str(BIN / "llama-bench"), "-m", str(model_path), "-p", str(pp), "-n", str(tg), "-r", str(reps),
-           "-t", str(threads), "--repack", "0", "-o", "json"]
+           "-t", str(threads), "--repack", "1" if repack else "0", "-o", "json"]
     if ratio is not None:
         cmd += ["--elms-ratio", str(ratio)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -111,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="llama-bench -r per round")
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--tg", type=int, default=128)
-    ap.add_argument("--levels", type=str, default="", help="comma-separated level indices (default: all below full)")
+    ap.add_argument("--levels", type=str, default="", help="comma-separated level indices (default: all, the full "
+                    "level against the dense file)")
+    ap.add_argument("--baseline", choices=("stock", "norepack"), default="stock",
+                    help="stock: both runs with llama.cpp's defaults (weights repacked where the CPU repacks their "
+                         "type); norepack: both with --repack 0")
     ap.add_argument("--out", type=Path, help="also write the table (markdown) here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -121,14 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     spec = contract.read_spec(contract.reader_fields(model.open_gguf(elastic)))
     if spec is None:
         raise SystemExit(f"{elastic} is not an elastic GGUF")
-    idx = [int(x) for x in args.levels.split(",")] if args.levels else [
-        i for i, lv in enumerate(spec.levels) if lv.ratio < 1.0]
+    idx = [int(x) for x in args.levels.split(",")] if args.levels else list(range(len(spec.levels)))
+    repack = args.baseline == "stock"
 
     rows = []
     for i in idx:
         lv = spec.levels[i]
         trunc = work / f"level{i}.gguf"
-        truncate.export_static(elastic, trunc, i)
+        if lv.ratio >= 1.0:
+            truncate.strip_elastic(elastic, trunc)  # the full level against the plain dense file
+        else:
+            truncate.export_static(elastic, trunc, i)
         samples: dict[str, dict[str, list[float]]] = {"el": {}, "tr": {}}
         per_round: dict[str, dict[str, list[float]]] = {"el": {}, "tr": {}}  # each round's median, for paired ratios
         for rnd in range(args.rounds):
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             pair = [("el", elastic, lv.ratio), ("tr", trunc, None)]
             for who, path, ratio in (pair if rnd % 2 == 0 else pair[::-1]):  # alternate who goes first
                 for k, v in llama_bench(path, ratio=ratio, threads=args.threads, reps=args.reps, pp=args.pp,
-                                        tg=args.tg).items():
+                                        tg=args.tg, repack=repack).items():
                     samples[who].setdefault(k, []).extend(v)
                     per_round[who].setdefault(k, []).append(statistics.median(v))
         sw_ms, load_ms = switch_times(elastic, trunc, i)
@@ -159,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, r, a, ep, tp, eg, tgv, ppr, tgr, sw, ld in rows)
     cmd = " ".join(["python", "bench/bench_speed.py"] + (argv if argv is not None else sys.argv[1:]))
     uptime = open("/proc/loadavg").read().split()[:3]
-    print(f"\n{cmd}\n(threads {args.threads}, {args.rounds} interleaved rounds x {args.reps} reps, tok/s medians of "
+    print(f"\n{cmd}\n(baseline {args.baseline}: both runs {'with llama.cpp defaults (repack on)' if repack else 'with --repack 0'}; "
+          f"threads {args.threads}, {args.rounds} interleaved rounds x {args.reps} reps, tok/s medians of "
           f"all samples; 'paired': median and quartiles of the per-round elastic/truncated ratios, the two runs of a "
           f"round back to back, alternating which goes first; load average at end {' '.join(uptime)}; "
           f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY') or 'unset'})\n")

@@ -375,7 +375,15 @@ class SelfInfoScorer:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)  # type: ignore[attr-defined]
 
     def token_surprisal(self, ids: Sequence[int]) -> np.ndarray:
-        """``-log p(ids[i] | BOS, window-local left context)`` of every token, in nats."""
+        """``-log p(ids[i] | BOS, window-local left context)`` of every token, in nats. Holds an
+        :class:`~elms_gguf.runtime.ElasticLlama` for the whole scoring (level switch, decodes, switch back)."""
+        exclusive = getattr(self.llm, "exclusive", None)
+        if exclusive is not None:
+            with exclusive():
+                return self._token_surprisal(ids)
+        return self._token_surprisal(ids)
+
+    def _token_surprisal(self, ids: Sequence[int]) -> np.ndarray:
         import llama_cpp
 
         llm = self.llm

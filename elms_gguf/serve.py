@@ -20,13 +20,26 @@ call, the level is switched when the stream is first read), and the chunk carryi
 the ``elms`` block; its measured TTFT counts from the call, so read the stream at once.
 
 This class is the runtime's :class:`elms_gguf.runtime.ElasticLlama` plus keyword-only ``tlm=``, ``profile=``,
-``scorer=``; without ``slo=``/``context=`` every call behaves exactly like the runtime class.
+``scorer=``; without ``slo=``/``context=`` every valid call behaves exactly like the runtime class.
+
+Arguments are checked at the call, with errors naming the argument: ``best_effort`` must be a bool; ``slo`` must be
+what :meth:`SLO.coerce` accepts (a dict with unknown or missing keys, or a limit that is not a positive number, is an
+:class:`~elms_gguf.profile.SLOError`, a ValueError); ``max_tokens`` must be an int or None, and with ``slo=`` (or
+``decision=``) a positive int or None -- None keeps llama-cpp-python's meaning (generate until EOS or the context is
+full; the plan then uses the profile's steady-state TPOT), while 0 and negative values, which llama-cpp-python also
+reads as "until the context is full", are refused there, being almost always a mistake; chat ``messages`` must be
+OpenAI-shaped (a non-empty list of dicts, ``role`` in :data:`CHAT_ROLES`, ``content`` a string or a list of content
+parts; None only in an assistant message with ``tool_calls``).
+
+An instance may be shared between threads: each request (decision, compression, level switch and generation) holds
+the model from start to end, a stream until it is read to its end or closed (see the runtime class).
 """
 from __future__ import annotations
 
 import functools
 import logging
 import math
+import numbers
 import os
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,19 +51,79 @@ from . import orchestrate as O
 from . import profile as P
 from .profile import SLO, LatencyProfile, ProfileError, TokenClock
 from .runtime import ElasticLlama as _RuntimeElasticLlama
-from .runtime import llama_cpp
+from .runtime import holds_context, llama_cpp
 
 #: TLM files ``demo_slo`` looks for next to the model, in this order (elms-train-tlm's default is 1 layer)
 DEFAULT_TLM_NAMES = ("tlm-minilm-l1.gguf", "tlm-minilm-l2.gguf")
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ElasticLlama", "SLO", "demo_slo"]
+__all__ = ["ElasticLlama", "SLO", "demo_slo", "CHAT_ROLES"]
+
+#: the message roles a chat request may carry (OpenAI's chat format, as llama-cpp-python types it)
+CHAT_ROLES = ("system", "user", "assistant", "tool", "function")
 
 
 def _n_intervals(max_tokens: object) -> int | None:
     """Token intervals a request's TPOT is measured over (``max_tokens - 1``); None when unbounded or < 2 tokens."""
     return int(max_tokens) - 1 if isinstance(max_tokens, int) and max_tokens > 1 else None  # type: ignore[operator]
+
+
+def _check_best_effort(value: object, *, per_request: bool = False) -> bool | None:
+    """``best_effort`` as given: a bool (or None per request: the instance's choice); anything else a TypeError."""
+    if isinstance(value, bool) or (per_request and value is None):
+        return value  # type: ignore[return-value]
+    allowed = "True, False or None (the instance's setting)" if per_request else "True or False"
+    raise TypeError(f"best_effort must be {allowed}, got {value!r} ({type(value).__name__})")
+
+
+def _check_max_tokens(kwargs: dict[str, Any], *, slo: bool) -> None:
+    """Check ``kwargs['max_tokens']`` (if given) and store it as an int: an int or None; with an SLO a positive int
+    or None (None: until EOS or the context is full, as llama-cpp-python; 0 and negative mean the same there but
+    are refused here, see the module docstring)."""
+    if "max_tokens" not in kwargs or kwargs["max_tokens"] is None:
+        return
+    value = kwargs["max_tokens"]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"max_tokens must be an int or None, got {value!r} ({type(value).__name__})")
+    if slo and value <= 0:
+        raise ValueError(f"max_tokens must be a positive int with slo= or decision=, got {value} (llama-cpp-python "
+                         f"reads <= 0 as 'until the context is full'; pass None to mean that)")
+    kwargs["max_tokens"] = int(value)
+
+
+def _check_messages(messages: object) -> None:
+    """Refuse chat messages that are not OpenAI-shaped, naming the message and the field (see the module docstring)."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+                        f"{type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages is empty: a chat request needs at least one message")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, Mapping):
+            raise TypeError(f"{where} must be a dict with 'role' and 'content', got {m!r}")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"{where}['role'] must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        content = m.get("content")
+        if content is None:
+            if role == "assistant" and (m.get("tool_calls") or m.get("function_call")):
+                continue  # OpenAI: an assistant turn that only calls tools has no content
+            state = "missing" if "content" not in m else "None"
+            raise ValueError(f"{where}['content'] is {state}: it must be a string or a list of content parts")
+        if isinstance(content, str):
+            continue
+        if isinstance(content, (bytes, Mapping)) or not isinstance(content, Sequence):
+            raise ValueError(f"{where}['content'] must be a string or a list of content parts, got "
+                             f"{type(content).__name__}")
+        for j, part in enumerate(content):
+            pw = f"{where}['content'][{j}]"
+            if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
+                raise ValueError(f"{pw} must be a content part, a dict with a 'type' (e.g. "
+                                 f"{{'type': 'text', 'text': ...}}), got {part!r}")
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"{pw}['text'] must be a string, got {part.get('text')!r}")
 
 
 def _n_threads_kwargs(kwargs: Mapping[str, Any]) -> None:
@@ -71,7 +144,7 @@ class ElasticLlama(_RuntimeElasticLlama):
             model, CPU and thread counts, if any; default) or None. A profile of another model is refused.
         min_prompt_ratio: never keep less than this fraction of the compressible tokens (default 0.2).
         best_effort: when no (level, ratio) meets the SLO, serve the least-bad one (True) or raise
-            :class:`~elms_gguf.orchestrate.SLOInfeasible` (False, default); per request too.
+            :class:`~elms_gguf.orchestrate.SLOInfeasible` (False, default); per request too. A bool.
         headroom: plan against ``(1 - headroom)`` x the SLO, a fixed margin for latency noise (default 0).
         slo_quantile: plan so that about this share of requests meets its SLO (default 0.95): predictions are
             multiplied by that quantile of measured/predicted latency (:class:`~elms_gguf.profile.LatencyCalibration`:
@@ -100,16 +173,17 @@ class ElasticLlama(_RuntimeElasticLlama):
         _n_threads_kwargs(kwargs)
         super().__init__(model_path, **kwargs)
         try:
+            _check_best_effort(best_effort)
             if not (0.0 <= float(headroom) < 1.0):
                 raise ValueError(f"headroom must be in [0, 1), got {headroom}")
             if slo_quantile is not None and not (0.0 < float(slo_quantile) < 1.0):
                 raise ValueError(f"slo_quantile must be in (0, 1) or None, got {slo_quantile!r}")
             O.ratio_grid(float(min_prompt_ratio))  # validates
-        except ValueError:
+        except (TypeError, ValueError):
             self.close()
             raise
         self.min_prompt_ratio = float(min_prompt_ratio)
-        self.best_effort = bool(best_effort)
+        self.best_effort = best_effort
         self.headroom = float(headroom)
         self.slo_quantile = None if slo_quantile is None else float(slo_quantile)
         self.calibration: P.LatencyCalibration | None = None
@@ -193,6 +267,7 @@ class ElasticLlama(_RuntimeElasticLlama):
                             n_threads_batch=self.n_threads_batch)
         return profile
 
+    @holds_context
     def measure_profile(self, *, save: bool = True, **kwargs: Any) -> LatencyProfile:
         """Measure this model's profile on this instance (:func:`elms_gguf.profile.measure`), use it, save it
         under the default key. Also times the scorer."""
@@ -207,6 +282,7 @@ class ElasticLlama(_RuntimeElasticLlama):
         self.profile = prof
         return prof
 
+    @holds_context
     def profile_scorer(self, lengths: Sequence[int] | None = None, runs: int = 1) -> None:
         """Time the scorer at the profile's prompt lengths and add its curve to the (in-memory) profile."""
         assert self.profile is not None and self.scorer is not None
@@ -218,6 +294,7 @@ class ElasticLlama(_RuntimeElasticLlama):
         self.profile.scorers[self.scorer.name] = P.Curve.fit(samples)  # type: ignore[attr-defined]
         log.info("timed scorer %s: %s", self.scorer.name, ", ".join(f"{ms:.1f} ms@{n}" for n, ms in samples))  # type: ignore[attr-defined]
 
+    @holds_context
     def warmup(self, n_tokens: int = 32) -> None:
         """A short prefill at every level, then back to the current one: pages the weights in and builds the
         graphs, so the first real request of each level is not slower than the profile predicts."""
@@ -242,6 +319,7 @@ class ElasticLlama(_RuntimeElasticLlama):
         name = self.scorer.name  # type: ignore[union-attr]
         return lambda n: self.profile.scorer_ms(name, n)  # type: ignore[union-attr]
 
+    @holds_context
     def plan(self, slo: object, *, n_fixed: int, n_compressible: int, contexts: Sequence[str] = (),
              best_effort: bool | None = None, min_prompt_ratio: float | None = None,
              n_decode: int | None = None) -> O.Decision:
@@ -333,6 +411,7 @@ class ElasticLlama(_RuntimeElasticLlama):
 
     # -- completion ---------------------------------------------------------------------------------------
 
+    @holds_context
     def create_completion(self, prompt: Any, *args: Any, context: str | Sequence[str] | None = None,
                           slo: object | None = None, best_effort: bool | None = None,
                           decision: O.Decision | None = None, context_separator: str = "\n\n", **kwargs: Any) -> Any:
@@ -345,12 +424,18 @@ class ElasticLlama(_RuntimeElasticLlama):
                 already ends with whitespace.
             slo: an :class:`SLO` (or ``(ttft_ms, tpot_ms)``): choose level and prompt ratio to meet it. Without
                 it, ``context`` is simply prepended and the current level runs.
-            best_effort: override the instance's choice for infeasible SLOs.
+            best_effort: override the instance's choice for infeasible SLOs (True, False or None).
             decision: run this (level, prompt ratio) instead of deciding (e.g. from :meth:`plan`, or a baseline
                 policy); ``slo`` is then only reported against.
+            max_tokens: with ``slo=``/``decision=`` a positive int, or None (until EOS or the context is full).
 
-        Returns the usual dict plus ``"elms"`` (see the module docstring).
+        Returns the usual dict plus ``"elms"`` (see the module docstring). The whole request holds the model.
         """
+        _check_best_effort(best_effort, per_request=True)
+        if decision is not None and not isinstance(decision, O.Decision):
+            raise TypeError(f"decision must be an orchestrate.Decision (from plan()) or None, got {decision!r}")
+        slo = None if slo is None else SLO.coerce(slo)
+        _check_max_tokens(kwargs, slo=slo is not None or decision is not None)
         if context is None and slo is None and decision is None:
             return super().create_completion(prompt, *args, **kwargs)
         if args:
@@ -398,6 +483,7 @@ class ElasticLlama(_RuntimeElasticLlama):
             log.debug("cannot render the chat template: %s", e)
             return None
 
+    @holds_context
     def create_chat_completion(self, messages: Sequence[Mapping[str, Any]], *args: Any, slo: object | None = None,
                                best_effort: bool | None = None, compress_roles: Iterable[str] = ("system", "user", "assistant"),
                                **kwargs: Any) -> Any:
@@ -405,8 +491,13 @@ class ElasticLlama(_RuntimeElasticLlama):
 
         The last user turn is never compressed, nor are messages whose role is not in ``compress_roles``; every
         other message's content (system instruction, few-shot turns) is compressible and is compressed at the
-        same ratio. Roles and message structure are kept.
+        same ratio. Roles and message structure are kept. ``messages`` must be OpenAI-shaped, ``max_tokens`` with
+        ``slo=`` a positive int or None (see the module docstring). The whole request holds the model.
         """
+        _check_messages(messages)
+        _check_best_effort(best_effort, per_request=True)
+        slo = None if slo is None else SLO.coerce(slo)
+        _check_max_tokens(kwargs, slo=slo is not None)
         if slo is None:
             return super().create_chat_completion(messages, *args, **kwargs)
         if args:

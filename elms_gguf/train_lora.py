@@ -717,7 +717,7 @@ def train_all_levels(path: str | os.PathLike[str], config: TrainConfig | None = 
 
 EPILOG = """
 examples:
-  elms-train-lora models/smollm2-135m-elastic-q4_1.gguf -o models/smollm2-135m-elastic-lora.gguf
+  elms-train-lora models/smollm2-135m-elastic-q4_0.gguf -o models/smollm2-135m-elastic-lora.gguf
   elms-train-lora model.gguf --in-place --preset full            # GPU-sized run, rewrites model.gguf's level table
   elms-train-lora model.gguf -o out.gguf --levels 2,4 --steps 100 --lr 1e-3
 

@@ -49,7 +49,7 @@ def graph_reuse(enabled: bool) -> Iterator[None]:
 
 def open_llm(path: Path | str, *, flash_attn: bool = True, type_kv: int = GGML_TYPE_F16, reuse: bool = True,
              **kwargs: object):
-    """An ElasticLlama (no weight repacking, as every elastic run) set up for exact logit comparisons.
+    """An ElasticLlama (weights repacked where the CPU repacks their type, as stock) set up for exact logit comparisons.
 
     One thread: with two, stock llama.cpp itself is not bit-reproducible run to run on these tiny random models
     (thread-timing-dependent reduction order flips near-tied greedy tokens), so exact comparisons would flake.

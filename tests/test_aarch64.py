@@ -1,11 +1,14 @@
 """The patched llama.cpp cross-built for aarch64 (tools/build_aarch64.sh) runs elastic levels on ARM.
 
 The binaries are static and run under qemu-aarch64-static, started explicitly (no binfmt_misc here). On ARM
-the CPU backend repacks even Q8_0 weights (q8_0_4x4 with dotprod) unless --no-repack is given, so these tests
-also check that --elms-ratio really turns repacking off there.
+the CPU backend repacks even Q8_0 weights (q8_0_4x4 with dotprod), and elastic levels run on those repacked
+weights (patches/0006) as they do with --no-repack.
 
 References, independent of the code under test: the physically truncated GGUF of the level (elms_gguf.truncate)
-run by the stock loader with -nr, and the dense model (which must give a different text).
+run by the stock loader with the same repack setting, and the dense model (which must give a different text).
+Each ARM kernel family is reached by its own -march (the choice is made at compile time): ggml-cpu alone is
+cross-built per -march and tests/native/repack_views.cpp compares prefix views of every repacked type with the
+truncated weights under qemu, printing the kernel that ran. Timings under emulation mean nothing.
 """
 from __future__ import annotations
 
@@ -100,8 +103,8 @@ def run_arm(exe: Path, gguf: Path, *extra: str, attempts: int = 4) -> subprocess
 def test_arm_elastic_level_matches_truncated(completion_bin: Path, q8_files: tuple[Path, Path]) -> None:
     elastic, trunc = q8_files
     lvl = run_arm(completion_bin, elastic, "--elms-ratio", "0.5")
-    ref = run_arm(completion_bin, trunc, "-nr")
-    dense = run_arm(completion_bin, elastic, "-nr")
+    ref = run_arm(completion_bin, trunc)  # stock defaults: repacked
+    dense = run_arm(completion_bin, elastic)
 
     assert "elastic level 0 of 2" in lvl.stderr, lvl.stderr[-3000:]
     # the prompt is echoed, then 12 generated tokens: the output must be more than the prompt
@@ -110,17 +113,48 @@ def test_arm_elastic_level_matches_truncated(completion_bin: Path, q8_files: tup
     assert dense.stdout != lvl.stdout
 
 
-def test_arm_repacks_q8_0_unless_elastic(completion_bin: Path, q8_files: tuple[Path, Path]) -> None:
-    """On ARM (dotprod) Q8_0 goes to the CPU_REPACK buffer by default: the --no-repack implication matters.
+def test_arm_levels_run_on_repacked_q8_0_and_with_no_repack(completion_bin: Path, q8_files: tuple[Path, Path]) -> None:
+    """On ARM (dotprod) Q8_0 goes to the CPU_REPACK buffer by default, levels included; -nr still turns it off.
 
     -v: the load_tensors buffer lines and the per-tensor `repack:` lines are only logged verbosely.
     """
-    elastic, _ = q8_files
-    dense = run_arm(completion_bin, elastic, "-v")  # no --elms-*, no -nr: a plain dense load repacks
-    assert "CPU_REPACK model buffer" in dense.stderr, dense.stderr[-3000:]
-    assert "repack tensor blk.0.ffn_up.weight with q8_0_4x4" in dense.stderr
+    elastic, trunc = q8_files
     for flag in (("--elms-ratio", "0.5"), ("--elms-level", "0")):
         lvl = run_arm(completion_bin, elastic, "-v", *flag)
         assert "elastic level 0 of 2" in lvl.stderr, lvl.stderr[-3000:]
-        assert "CPU_REPACK" not in lvl.stderr and "repack tensor" not in lvl.stderr, lvl.stderr[-3000:]
-        assert "CPU_Mapped model buffer" in lvl.stderr
+        assert "CPU_REPACK model buffer" in lvl.stderr, lvl.stderr[-3000:]
+        assert "repack tensor blk.0.ffn_up.weight with q8_0_4x4" in lvl.stderr
+        assert "not placed in CPU_REPACK" not in lvl.stderr  # every view is whole row groups and blocks
+    plain = run_arm(completion_bin, elastic, "-v", "-nr", "--elms-ratio", "0.5")
+    assert "CPU_REPACK" not in plain.stderr and "repack tensor" not in plain.stderr, plain.stderr[-3000:]
+    assert plain.stdout == run_arm(completion_bin, trunc, "-nr").stdout
+
+
+# -march -> (qemu -cpu, the kernel each repacked type must run with)
+ARM_KERNELS = {
+    "armv8.2-a+dotprod": ("max", {"q4_0": "q4_0_4x4", "q4_K": "q4_K_8x4", "q5_K": "q5_K_8x4", "q6_K": "q6_K_8x4",
+                                  "q8_0": "q8_0_4x4", "iq4_nl": "iq4_nl_4x4"}),
+    "armv8.6-a+i8mm": ("max", {"q4_0": "q4_0_4x8", "q4_K": "q4_K_8x8", "q5_K": "q5_K_8x8", "q6_K": "q6_K_8x8",
+                               "q8_0": "q8_0_4x8", "iq4_nl": "iq4_nl_4x4"}),
+    # 256-bit SVE: Q4_0 takes the SVE 8x8 kernel
+    "armv8.6-a+sve+i8mm": ("max,sve-default-vector-length=32",
+                           {"q4_0": "q4_0_8x8", "q4_K": "q4_K_8x8", "q5_K": "q5_K_8x8", "q6_K": "q6_K_8x8",
+                            "q8_0": "q8_0_4x8", "iq4_nl": "iq4_nl_4x4"}),
+}
+
+
+@pytest.mark.parametrize("march", list(ARM_KERNELS))
+def test_arm_repacked_kernels_run_prefix_views_bit_identical_to_truncated_weights(march: str) -> None:
+    if not _toolchain_present():
+        pytest.skip("aarch64 cross toolchain / qemu not installed (tools/build_aarch64.sh installs them)")
+    build = subprocess.run([str(ROOT / "tools" / "build_repack_views.sh"), march], capture_output=True, text=True,
+                           timeout=3600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    exe = build.stdout.strip().splitlines()[-1]
+    cpu, kernels = ARM_KERNELS[march]
+    r = subprocess.run([QEMU, "-cpu", cpu, exe], capture_output=True, text=True, timeout=600)
+    print(r.stdout)  # which kernel each type ran with, for the record
+    assert r.returncode == 0 and "repack_views: OK" in r.stdout, r.stdout + r.stderr[-2000:]
+    for typ, kernel in kernels.items():
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith(typ + " "))
+        assert kernel in line and "products bit-identical" in line, line

@@ -512,8 +512,9 @@ def test_width_beyond_the_full_size_and_non_nested_levels_are_refused(tiny_llama
     assert "levels must be nested" in msg
 
 
-def test_level_on_repacked_weights_is_refused(tmp_path):
-    """Q4_0 is repacked on x86 (AVX2): a plain Llama keeps repacking on, and then a level must be refused."""
+def test_a_plain_llama_with_default_params_runs_a_level_on_repacked_weights(tmp_path):
+    """Q4_0 is repacked on x86 (AVX2): a plain Llama keeps repacking on, and a level runs on the repacked weights
+    with the same logits as ElasticLlama's (which repacks too; tests/test_repack.py compares them with stock)."""
     import llama_cpp
 
     from elms_gguf import runtime
@@ -521,17 +522,16 @@ def test_level_on_repacked_weights_is_refused(tmp_path):
     cfg = model.tiny_config("llama")
     path = tmp_path / "q4_0.gguf"
     model.make_tiny_gguf(path, spec=uniform_spec(cfg, kv=1, ff=256), default_type=QT.Q4_0)
-    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=True)  # default params: use_extra_bufts = True
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_batch=8, n_ubatch=8, n_threads=1, logits_all=True, verbose=False,
+                          flash_attn=True)  # default params: use_extra_bufts = True
     try:
-        rc = runtime.lib().llama_set_elastic_level(llm._ctx.ctx, 0)
-        if rc == 0:
-            pytest.skip("this CPU does not repack Q4_0 (no AVX2/NEON): nothing to refuse")
-        assert rc < 0
-        msg = runtime.last_error()
-        assert "blk.0.attn_q.weight" in msg and "CPU_REPACK" in msg and "use_extra_bufts = false" in msg
-        assert runtime.lib().llama_get_elastic_level(llm._ctx.ctx) == -1  # unchanged
+        assert runtime.lib().llama_set_elastic_level(llm._ctx.ctx, 0) == 0, runtime.last_error()
+        assert runtime.lib().llama_get_elastic_level(llm._ctx.ctx) == 0
+        got, _ = run_logits(llm)
     finally:
         llm.close()
+    ref, _ = logits_of(path, level=0)
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_nonexistent_level_is_refused(tiny_elastic_llama_q8):
@@ -599,9 +599,10 @@ def _completion(model_path: Path, *extra: str, attempts: int = 4) -> subprocess.
     return r
 
 
-def test_llama_completion_elms_ratio_matches_the_truncated_model(uniform_files):
-    elastic, truncated = uniform_files["q8_0"]
-    ref = _completion(truncated, "-nr")
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])  # q4_0 is repacked on x86 AVX2 / ARM, by both runs
+def test_llama_completion_elms_ratio_matches_the_truncated_model(uniform_files, qtype):
+    elastic, truncated = uniform_files[qtype]
+    ref = _completion(truncated)  # stock defaults
     got = _completion(elastic, "--elms-ratio", "0.5")
     assert ref.returncode == 0 and got.returncode == 0, got.stderr[-1500:]
     assert "elastic level 0 of 2 (ratio 0.50)" in got.stderr
@@ -652,8 +653,9 @@ def test_ggml_cpu_really_contains_the_column_view_prefetch():
     assert "prefetcht0" in dis.stdout or "prfm" in dis.stdout
 
 
-def test_llama_perplexity_at_a_level_equals_the_truncated_model(uniform_files, tmp_path):
-    elastic, truncated = uniform_files["q8_0"]
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0"])
+def test_llama_perplexity_at_a_level_equals_the_truncated_model(uniform_files, qtype, tmp_path):
+    elastic, truncated = uniform_files[qtype]
     text = tmp_path / "text.txt"
     rng = np.random.default_rng(0)
     text.write_text(" ".join(rng.choice(["alpha", "beta", "gamma", "the", "of", "and"], 400)))
@@ -669,8 +671,9 @@ def test_llama_perplexity_at_a_level_equals_the_truncated_model(uniform_files, t
                 return final[0].split("Final estimate")[1]
         raise AssertionError(f"no 'Final estimate' line in 5 runs: {r.stderr[-1500:]}")
 
-    assert ppl(elastic, "--elms-ratio", "0.5") == ppl(truncated, "-nr")
-    assert ppl(elastic) != ppl(truncated, "-nr")
+    assert ppl(elastic, "--elms-ratio", "0.5") == ppl(truncated)
+    assert ppl(elastic, "--elms-ratio", "0.5", "-nr") == ppl(truncated, "-nr")
+    assert ppl(elastic) != ppl(truncated)
 
 
 def _cli(model_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -733,7 +736,7 @@ def _serve_completion(model_path: Path, *extra: str) -> list[int]:
 
 
 def test_llama_server_serves_the_level(uniform_files):
-    elastic, truncated = uniform_files["q8_0"]
+    elastic, truncated = uniform_files["q4_0"]  # repacked on x86 AVX2 / ARM, by both servers
     got = _serve_completion(elastic, "--elms-ratio", "0.5")
-    ref = _serve_completion(truncated, "-nr")
+    ref = _serve_completion(truncated)
     assert len(got) == 8 and got == ref

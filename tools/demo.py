@@ -1,6 +1,6 @@
 """`make demo`: run three levels of an elastic GGUF with the patched llama-completion, side by side.
 
-    python tools/demo.py models/smollm2-135m-elastic-q4_1.gguf [--prompt ...] [--ratios 0.5,0.8,1.0]
+    python tools/demo.py models/smollm2-135m-elastic-q4_0.gguf [--prompt ...] [--ratios 0.5,0.8,1.0]
 
 Each level runs in the standard tool (``llama-completion --elms-ratio R``, greedy, chat template) and the
 demo prints its answer with the prompt and generation speed llama.cpp itself reports.

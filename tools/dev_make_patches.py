@@ -40,12 +40,17 @@ llama_get_elastic_level, llama_elastic_last_error.
 
 Why: switching sub-model must be a pointer change, not a reload. Standard head_count/feed_forward_length keys
 stay full width, so stock llama.cpp still loads the file as the dense model, and with no level set this patch
-changes nothing. A level is refused on repacked (CPU_REPACK) or non-host weights: a prefix view of interleaved
-rows reads the wrong elements (silent garbage otherwise).
+changes nothing. Weights may be repacked (CPU_REPACK, the CPU backend's default): the loader places a weight in
+a buffer type only if that type runs every prefix view the levels read of it (llama_model_loader::elastic_views;
+a repacked layout runs whole row groups and whole blocks, patches/0006), so a weight with other widths stays in
+plain memory and only it loses the repacked kernels. Each level records at load whether the loaded weights can
+run it (non-CPU buffers cannot), and llama_set_elastic_level refuses it otherwise, never running garbage.
 """,
         [
             "include/llama.h",
             "src/CMakeLists.txt",
+            "src/llama-model-loader.h",
+            "src/llama-model-loader.cpp",
             "src/llama-adapter.h",
             "src/llama-adapter.cpp",
             "src/llama-elastic.h",
@@ -107,7 +112,8 @@ behind a run-time switch (tests check the object contains prefetcht0). Numerics 
 --elms-ratio / --elms-level / --elms-lora for the common tools and llama-bench
 
 What: common options (llama-cli, llama-completion, llama-server, llama-perplexity, ...) select an elastic level
-(nearest ratio, or an index) right after the context is created, before the warm-up; they imply --no-repack.
+(nearest ratio, or an index) right after the context is created, before the warm-up; weights are repacked as by
+default (--repack 0 still turns it off).
 --elms-lora {required,optional,off} sets how the per-level adapters are treated. llama-bench, which has its own
 parser, gets --elms-ratio F applied to every test.
 
@@ -135,6 +141,26 @@ about as much as the rest of LoRA's decode overhead (perf on SmolLM2 level 0.5: 
 prefill of n tokens converted each row n times.
 """,
         ["ggml/src/ggml-cpu/ops.cpp"],
+    ),
+    (
+        "0006-ggml-cpu-repack-prefix-views.patch",
+        """\
+ggml-cpu: prefix views of repacked weights run on the repacked kernels
+
+What: a view of a tensor in the CPU_REPACK buffer gets its parent's traits (ggml_repack_get_tensor_traits) when it
+is a prefix of whole row groups (rows, NB_COLS of the layout) and whole blocks (columns) with the parent's row
+stride, and none otherwise (supports_op then refuses it). forward_mul_mat_one_chunk runs a column-prefix view
+(ne00 below the parent's width, detected by nb01 != row size of ne00) one row group at a time: the layout stores
+[row group][K block][row in group], so a group's first blocks are the view's, but groups lie NB_COLS * nb01 apart
+while the kernels step by the n they are given. Whole tensors and row-prefix views take the single call as before.
+
+Why: elastic (ELMS) levels read prefix views of the weights. Before, a view's traits were recomputed from its own
+shape (a 4-row-aligned view of an 8x8 layout could pick 4x8 traits) and a column view walked the groups with its
+own width as stride: wrong output. Now a level computes exactly what the stock repacked kernels compute on the
+physically truncated tensor (tests compare logits bit for bit), with one copy of the weights.
+Stock graphs (no views of repacked weights) are unchanged.
+""",
+        ["ggml/src/ggml-cpu/repack.cpp"],
     ),
 ]
 
