@@ -144,9 +144,9 @@ ARM_KERNELS = {
 
 
 @pytest.mark.parametrize("march", list(ARM_KERNELS))
-def test_arm_repacked_kernels_run_prefix_views_bit_identical_to_truncated_weights(march: str) -> None:
-    if not _toolchain_present():
-        pytest.skip("aarch64 cross toolchain / qemu not installed (tools/build_aarch64.sh installs them)")
+def test_arm_repacked_kernels_run_prefix_views_bit_identical_to_truncated_weights(completion_bin: Path,
+                                                                                   march: str) -> None:
+    # completion_bin: tools/build_aarch64.sh installs the cross toolchain and qemu (or the fixture skips)
     build = subprocess.run([str(ROOT / "tools" / "build_repack_views.sh"), march], capture_output=True, text=True,
                            timeout=3600)
     assert build.returncode == 0, build.stderr[-3000:]
