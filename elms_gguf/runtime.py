@@ -456,8 +456,7 @@ class ElasticLlama(llama_cpp.Llama):
     save_state = holds_context(llama_cpp.Llama.save_state)
     load_state = holds_context(llama_cpp.Llama.load_state)
 
-    @holds_context
-    def _clear_cache(self) -> None:
+    def _clear_cache(self) -> None:  # called by set_level / set_ratio, which hold the context
         # forget every cell (data=False: no need to zero the buffers, empty cells are masked and overwritten)
         mem = _ll.llama_get_memory(self._ctx.ctx)
         if mem is not None:
